@@ -1,0 +1,29 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test sim bench-quick bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## Whole test suite (what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## Deterministic simulation with 10,000 fault schedules.
+sim: $(STAMP)
+	SIM_EXAMPLES=10000 $(PY) -m pytest -q -p no:randomly tests/test_simulation.py
+
+## Failover / handoff / heartbeat / idle-CPU benchmark, a short run.
+bench-quick: $(STAMP)
+	$(PY) bench/failover.py --quick
+
+bench: $(STAMP)
+	$(PY) bench/failover.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

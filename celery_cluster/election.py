@@ -1,0 +1,486 @@
+"""The Raft leader-election state machine, sans I/O.
+
+:class:`Election` takes messages (:meth:`~Election.step`) and the time
+(:meth:`~Election.tick`) in, and hands back a :class:`Ready`: hard state to
+persist, messages to send and events for the driver. It never reads a clock,
+sleeps, opens a socket or starts a thread; ``now`` is always a monotonic reading
+the caller passes in, and randomness comes from the ``rng`` it is given.
+
+The driver must handle each Ready in order: **persist ``hard_state`` first**,
+then send ``messages``, then act on ``events``.
+
+Rules, with their reason (Raft paper / Ongaro's thesis, ch. 3, 6 and 9):
+
+* Majority of the *configured* members, ``N // 2 + 1``, self counted once.
+* A higher term is adopted first (clear vote, step down); then a vote is granted
+  iff not yet voted in the term or voted for the same candidate.
+* Pre-vote: a node asks "would you vote for me in term+1?" before bumping its
+  term, so a partitioned node cannot inflate terms.
+* Recent-leader rule ("stickiness"): a node that heard from a live leader within
+  the minimum election timeout - or that *is* a leader holding a lease, or that
+  restarted less than that long ago - refuses votes and pre-votes, whatever its
+  own role, without adopting the candidate's term. This is what makes the
+  leader lease sound; unlike etcd, pre-candidates get no exception.
+  Two exceptions, both safe because the lease holder gave its lease up: a
+  ``transfer`` vote (the leader sent TimeoutNow and stepped down) and a
+  candidate that *is* the leader the voter follows (self re-election, below).
+* Check-quorum and lease: a leader acts only while ``now < lease_until``, where
+  ``lease_until`` is the start of the latest heartbeat round acknowledged by a
+  majority plus ``min_timeout * (1 - drift) / (1 + drift)``. A voter in that
+  majority refuses votes for ``min_timeout`` of its own clock after receiving
+  the round, so with clock rates within ``1 ± drift`` no other node can win an
+  election before the lease ends. The leader steps down two heartbeats before
+  that if no majority answered.
+* Replicated payload: a Raft log of one entry. The leader re-stamps the payload
+  with its own term when elected, so its version (term, seq) exceeds every
+  version in the cluster; votes go only to candidates whose version is at least
+  the voter's, so every elected leader holds every committed version.
+* A leader that learns of a higher term from a follower while its lease is
+  valid (a node that restarted with a higher term) runs for term+1 itself
+  instead of stepping down: its followers vote for it, so the rejoining node
+  does not depose it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Iterable, Union
+
+from .errors import ClusterError, TransferError
+from .messages import (
+    AppendEntries,
+    AppendResponse,
+    HardState,
+    Message,
+    TimeoutNow,
+    Version,
+    VoteRequest,
+    VoteResponse,
+)
+
+
+class NotLeader(ClusterError):
+    """Raised by :meth:`Election.propose` on a node that is not the leader."""
+
+
+class Role(str, enum.Enum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre_candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+# -- outputs -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Envelope:
+    to: str
+    msg: Message
+
+
+@dataclass(frozen=True)
+class RoleChanged:
+    """The node's role changed (logged as follower / pre_candidate / candidate)."""
+
+    role: Role
+    term: int
+    leader_id: str | None
+
+
+@dataclass(frozen=True)
+class LeaseAcquired:
+    """``is_leader()`` became true for the first time in ``term``: start leader work."""
+
+    term: int
+    lease_until: float
+
+
+@dataclass(frozen=True)
+class SteppedDown:
+    """Leadership of ``term`` is over. ``lease_until`` is the last instant ``is_leader()``
+    could have been true (``-inf`` if it never was in this term)."""
+
+    term: int
+    reason: str  # higher_term | lost_quorum | lease_expired | transfer | shutdown | callback_error
+    lease_until: float
+    had_lease: bool
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A majority now holds payload ``version``."""
+
+    version: Version
+
+
+Event = Union[RoleChanged, LeaseAcquired, SteppedDown, Committed]
+
+
+@dataclass
+class Ready:
+    hard_state: HardState | None = None
+    messages: list[Envelope] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.hard_state is not None or bool(self.messages) or bool(self.events)
+
+
+NEVER = -math.inf
+
+
+class Election:
+    """One member's view of the election. See the module docstring for the rules."""
+
+    def __init__(
+        self,
+        node_id: str,
+        members: Iterable[str],
+        *,
+        now: float,
+        election_timeout: tuple[float, float] = (1.0, 2.0),
+        heartbeat_interval: float = 0.1,
+        max_clock_drift: float = 0.05,
+        state: HardState | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.id = node_id
+        self.members: tuple[str, ...] = tuple(dict.fromkeys(members))
+        if node_id not in self.members:
+            raise ValueError(f"{node_id} is not among the members {self.members}")
+        self.peers: tuple[str, ...] = tuple(m for m in self.members if m != node_id)
+        self.quorum = len(self.members) // 2 + 1
+        self.min_timeout, self.max_timeout = election_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.drift = max_clock_drift
+        self.lease_duration = self.min_timeout * (1 - max_clock_drift) / (1 + max_clock_drift)
+        self.rng = rng or random.Random()
+
+        state = state or HardState()
+        self.term = state.term
+        self.voted_for = state.voted_for
+        self.version: Version = tuple(state.payload_version)  # type: ignore[assignment]
+        self.payload = state.payload
+        self._saved = state
+
+        self.role = Role.FOLLOWER
+        self.leader_id: str | None = None
+        self.started_at = now
+        self.leader_contact = NEVER  # when we last heard the leader of our term
+        self.last_heard: dict[str, float] = {}  # any message, per peer (for status)
+        self.last_tick = now
+        # A lone member leads at once; others wait a randomised timeout.
+        self.election_deadline = now if self.quorum == 1 else now + self._random_timeout()
+
+        self._votes: dict[str, bool] = {}
+        # leader state
+        self.lease_until = NEVER
+        self._had_lease = False
+        self._round = 0
+        self._round_started: dict[int, float] = {}
+        self._quorum_round_start = NEVER
+        self._peer_round: dict[str, int] = {}
+        self._payload_round: dict[str, int] = {}  # last round in which we sent each peer the payload
+        self.peer_version: dict[str, Version] = {}
+        self.peer_contact: dict[str, float] = {}
+        self.next_heartbeat = NEVER
+        self.commit_version: Version = (0, 0)
+
+        self._out: list[Envelope] = []
+        self._events: list[Event] = []
+
+    # -- queries ---------------------------------------------------------------
+
+    def is_leader(self, now: float) -> bool:
+        """True only while this node leads *and* its lease is valid at ``now``."""
+        return self.role is Role.LEADER and now < self.lease_until
+
+    def next_deadline(self) -> float:
+        """The latest time by which :meth:`tick` must be called next."""
+        if self.role is Role.LEADER:
+            return min(self.next_heartbeat, self._stepdown_at())
+        return self.election_deadline
+
+    @property
+    def hard_state(self) -> HardState:
+        return HardState(self.term, self.voted_for, self.version, self.payload)
+
+    # -- inputs ----------------------------------------------------------------
+
+    def tick(self, now: float) -> Ready:
+        if self.role is Role.LEADER:
+            if now >= self._stepdown_at():
+                reason = "lease_expired" if now >= self.lease_until else "lost_quorum"
+                self._become_follower(now, self.term, None, reason)
+            elif now >= self.next_heartbeat:
+                self._broadcast(now)
+        elif now >= self.election_deadline:
+            self._start_prevote(now)
+        self.last_tick = now
+        return self._ready()
+
+    def step(self, msg: Message, now: float) -> Ready:
+        sender = msg.sender
+        if sender not in self.peers:
+            return self._ready()  # the transport rejects strangers; never let them in here
+        self.last_heard[sender] = now
+        if isinstance(msg, VoteRequest):
+            self._on_vote_request(msg, now)
+        elif isinstance(msg, VoteResponse):
+            self._on_vote_response(msg, now)
+        elif isinstance(msg, AppendEntries):
+            self._on_append(msg, now)
+        elif isinstance(msg, AppendResponse):
+            self._on_append_response(msg, now)
+        elif isinstance(msg, TimeoutNow):
+            self._on_timeout_now(msg, now)
+        return self._ready()
+
+    def propose(self, payload: str, now: float) -> tuple[Version, Ready]:
+        """Replace the replicated payload (leader only) and send it at once.
+
+        Returns the new version; a :class:`Committed` event with a version at
+        least this one says a majority holds it.
+        """
+        if self.role is not Role.LEADER:
+            raise NotLeader(f"{self.id} is not the leader (leader: {self.leader_id})")
+        self.version = (self.term, self.version[1] + 1)
+        self.payload = payload
+        self._broadcast(now)
+        return self.version, self._ready()
+
+    def transfer_leadership(self, now: float, target: str | None = None) -> tuple[str, Ready]:
+        """Hand leadership to ``target`` or to the most up-to-date reachable peer.
+
+        The leader steps down (reason ``transfer``) as it sends TimeoutNow, so its
+        lease ends here, before the target can be elected.
+        """
+        if self.role is not Role.LEADER:
+            raise TransferError(f"{self.id} is not the leader")
+        reachable = [p for p in self.peers if now - self.peer_contact.get(p, NEVER) < self.min_timeout]
+        if target is not None:
+            if target not in reachable:
+                raise TransferError(f"cannot transfer to {target}: not a reachable peer")
+        elif not reachable:
+            raise TransferError("no peer answered within the election timeout; nobody to hand over to")
+        else:
+            target = max(reachable, key=lambda p: (self.peer_version.get(p, (0, 0)), self.peer_contact[p]))
+        behind = self.peer_version.get(target, (0, 0)) < self.version
+        self._send(target, TimeoutNow(self.term, self.id, self.version, self.payload if behind else None))
+        self._become_follower(now, self.term, None, "transfer")
+        return target, self._ready()
+
+    def step_down(self, now: float, reason: str) -> Ready:
+        """Give up leadership without a handover (``shutdown``, ``callback_error``)."""
+        if self.role is Role.LEADER:
+            self._become_follower(now, self.term, None, reason)
+        return self._ready()
+
+    # -- votes -----------------------------------------------------------------
+
+    def _in_lease(self, now: float) -> bool:
+        """The recent-leader rule: must we refuse (pre-)votes right now?"""
+        if now - self.started_at < self.min_timeout:
+            return True  # restarted: we may have acked a leader's round we no longer remember
+        if self.role is Role.LEADER:
+            return now < self.lease_until
+        return self.leader_id is not None and now - self.leader_contact < self.min_timeout
+
+    def _on_vote_request(self, m: VoteRequest, now: float) -> None:
+        sticky = self._in_lease(now) and not (self.role is not Role.LEADER and m.candidate == self.leader_id)
+        if sticky and not m.transfer:
+            self._send(m.candidate, VoteResponse(self.term, self.id, False, m.prevote))
+            return
+        if m.prevote:
+            # Never change our own state for a pre-vote.
+            grant = m.term > self.term and m.version >= self.version
+            self._send(m.candidate, VoteResponse(m.term if grant else self.term, self.id, grant, True))
+            return
+        if m.term > self.term:
+            self._become_follower(now, m.term, None, "higher_term")
+        grant = m.term == self.term and self.voted_for in (None, m.candidate) and m.version >= self.version
+        if grant:
+            self.voted_for = m.candidate
+            self.election_deadline = now + self._random_timeout()
+        self._send(m.candidate, VoteResponse(self.term, self.id, grant, False))
+
+    def _on_vote_response(self, m: VoteResponse, now: float) -> None:
+        if m.prevote:
+            if self.role is not Role.PRE_CANDIDATE:
+                return
+            if not m.granted and m.term > self.term:
+                self._become_follower(now, m.term, None, "higher_term")
+                return
+            self._votes[m.voter] = m.granted and m.term == self.term + 1
+            if self._granted() >= self.quorum:
+                self._campaign(now, transfer=False)
+            return
+        if m.term > self.term:
+            self._become_follower(now, m.term, None, "higher_term")
+            return
+        if self.role is not Role.CANDIDATE or m.term < self.term:
+            return  # stale
+        self._votes[m.voter] = m.granted
+        if self._granted() >= self.quorum:
+            self._become_leader(now)
+
+    def _granted(self) -> int:
+        return sum(1 for g in self._votes.values() if g)
+
+    def _start_prevote(self, now: float) -> None:
+        self._set_role(Role.PRE_CANDIDATE, None)
+        self._votes = {self.id: True}
+        self.election_deadline = now + self._random_timeout()
+        for p in self.peers:
+            self._send(p, VoteRequest(self.term + 1, self.id, self.version, prevote=True))
+        if self._granted() >= self.quorum:
+            self._campaign(now, transfer=False)
+
+    def _campaign(self, now: float, transfer: bool) -> None:
+        self.term += 1
+        self.voted_for = self.id
+        self._set_role(Role.CANDIDATE, None)
+        self._votes = {self.id: True}
+        self.election_deadline = now + self._random_timeout()
+        for p in self.peers:
+            self._send(p, VoteRequest(self.term, self.id, self.version, prevote=False, transfer=transfer))
+        if self._granted() >= self.quorum:
+            self._become_leader(now)
+
+    # -- leadership ------------------------------------------------------------
+
+    def _become_leader(self, now: float) -> None:
+        self._set_role(Role.LEADER, self.id)
+        # Re-stamp the payload in our term: our version now exceeds every other,
+        # and committing it commits everything before it (Raft's no-op entry).
+        self.version = (self.term, self.version[1] + 1)
+        self.lease_until = NEVER
+        self._had_lease = False
+        self._round = 0
+        self._round_started = {}
+        self._quorum_round_start = now
+        self._peer_round = {}
+        self._payload_round = {}
+        self.peer_version = {}
+        self.peer_contact = {}
+        self.commit_version = (0, 0)
+        self._broadcast(now)
+
+    def _broadcast(self, now: float) -> None:
+        """Start heartbeat round ``n``: AppendEntries to every peer, payload to those that may lack it."""
+        self._round += 1
+        self._round_started[self._round] = now
+        self.next_heartbeat = now + self.heartbeat_interval
+        for p in self.peers:
+            self._send_append(p)
+        self._advance(now)
+
+    def _send_append(self, peer: str) -> None:
+        behind = self.peer_version.get(peer) != self.version
+        if behind:
+            self._payload_round[peer] = self._round
+        self._send(peer, AppendEntries(self.term, self.id, self._round, self.version,
+                                       self.payload if behind else None))
+
+    def _on_append_response(self, m: AppendResponse, now: float) -> None:
+        if m.term > self.term:
+            rerun = self.is_leader(now)
+            self._become_follower(now, m.term, None, "higher_term")
+            if rerun:
+                # A node came back with a higher term while our followers still
+                # follow us: win the next term ourselves rather than be deposed.
+                self._campaign(now, transfer=False)
+            return
+        if self.role is not Role.LEADER or m.term < self.term or not m.success:
+            return
+        peer = m.follower
+        self.peer_contact[peer] = now
+        self.peer_version[peer] = max(m.version, self.peer_version.get(peer, (0, 0)))
+        self._peer_round[peer] = max(m.round, self._peer_round.get(peer, 0))
+        if self.peer_version[peer] < self.version and self._payload_round.get(peer) != self._round:
+            self._send_append(peer)  # it lacks the payload: don't wait for the next round
+        self._advance(now)
+
+    def _advance(self, now: float) -> None:
+        """Recompute the lease and the commit version from what peers acknowledged."""
+        rounds = sorted([self._round, *self._peer_round.values()], reverse=True)
+        majority_round = rounds[self.quorum - 1] if len(rounds) >= self.quorum else 0
+        if majority_round in self._round_started:
+            started = self._round_started[majority_round]
+            self._quorum_round_start = max(self._quorum_round_start, started)
+            self.lease_until = max(self.lease_until, started + self.lease_duration)
+            for r in [r for r in self._round_started if r < majority_round]:
+                del self._round_started[r]
+            if not self._had_lease and now < self.lease_until:
+                self._had_lease = True
+                self._events.append(LeaseAcquired(self.term, self.lease_until))
+        held = sorted([self.version, *(v for v in self.peer_version.values() if v[0] == self.term)], reverse=True)
+        if len(held) >= self.quorum and held[self.quorum - 1] > self.commit_version:
+            self.commit_version = held[self.quorum - 1]
+            self._events.append(Committed(self.commit_version))
+
+    def _stepdown_at(self) -> float:
+        """Check-quorum: step down two heartbeats before the lease would lapse."""
+        return self._quorum_round_start + self.lease_duration - 2 * self.heartbeat_interval
+
+    # -- following -------------------------------------------------------------
+
+    def _on_append(self, m: AppendEntries, now: float) -> None:
+        if m.term < self.term:
+            # A leader of an older term: tell it our term (it may re-run, see module doc).
+            self._send(m.leader, AppendResponse(self.term, self.id, m.round, self.version, False))
+            return
+        if m.term > self.term or self.role is not Role.FOLLOWER or self.leader_id != m.leader:
+            if self.role is Role.LEADER and m.term == self.term:
+                return  # impossible: one leader per term; never follow a twin
+            self._become_follower(now, m.term, m.leader, "higher_term")
+        self.leader_contact = now
+        self.election_deadline = now + self._random_timeout()
+        if m.payload is not None and m.version > self.version:
+            self.version, self.payload = m.version, m.payload
+        self._send(m.leader, AppendResponse(self.term, self.id, m.round, self.version, True))
+
+    def _on_timeout_now(self, m: TimeoutNow, now: float) -> None:
+        if m.term != self.term or self.role is not Role.FOLLOWER or self.leader_id not in (None, m.leader):
+            return  # stale or not from our leader
+        if m.payload is not None and m.version > self.version:
+            self.version, self.payload = m.version, m.payload
+        self._campaign(now, transfer=True)
+
+    def _become_follower(self, now: float, term: int, leader: str | None, reason: str) -> None:
+        if self.role is Role.LEADER:
+            last = min(now, self.lease_until) if self._had_lease else NEVER
+            self._events.append(SteppedDown(self.term, reason, last, self._had_lease))
+            self.lease_until = NEVER
+        if term > self.term:
+            self.term = term
+            self.voted_for = None
+        self._set_role(Role.FOLLOWER, leader)
+        if leader is not None:
+            self.leader_contact = now
+        self.election_deadline = now + self._random_timeout()
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _set_role(self, role: Role, leader: str | None) -> None:
+        changed = role is not self.role or leader != self.leader_id
+        self.role, self.leader_id = role, leader
+        if changed:
+            self._events.append(RoleChanged(role, self.term, leader))
+
+    def _random_timeout(self) -> float:
+        return self.rng.uniform(self.min_timeout, self.max_timeout)
+
+    def _send(self, to: str, msg: Message) -> None:
+        self._out.append(Envelope(to, msg))
+
+    def _ready(self) -> Ready:
+        hs = self.hard_state
+        ready = Ready(hs if hs != self._saved else None, self._out, self._events)
+        self._saved = hs
+        self._out, self._events = [], []
+        return ready

@@ -1,0 +1,178 @@
+"""The messages nodes exchange, the persisted hard state, and their JSON codec.
+
+Pure data: no I/O. The codec validates everything it decodes, so a malformed
+peer message is a :class:`ProtocolError` before it can reach the state machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Union
+
+from .errors import ProtocolError
+
+#: A payload version: (term in which the leader stamped it, sequence number).
+#: Compared as a tuple, like Raft's (last log term, last log index).
+Version = tuple[int, int]
+
+#: Terms and sequence numbers above this are absurd (2**53: exact in JSON doubles).
+MAX_NUMBER = 2**53
+#: Longest node address accepted in a message.
+MAX_ADDRESS_LEN = 300
+#: Largest replicated payload (characters).
+MAX_PAYLOAD_LEN = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class HardState:
+    """What a node must remember across restarts, written before any reply that depends on it."""
+
+    term: int = 0
+    voted_for: str | None = None
+    payload_version: Version = (0, 0)
+    payload: str = ""
+
+
+@dataclass(frozen=True)
+class VoteRequest:
+    """RequestVote, or a pre-vote when ``prevote`` (the term is then the one the candidate *would* use)."""
+
+    term: int
+    candidate: str
+    version: Version
+    prevote: bool = False
+    #: Sent after a TimeoutNow: voters skip the recent-leader rule (the leader asked for it).
+    transfer: bool = False
+
+    @property
+    def sender(self) -> str:
+        return self.candidate
+
+
+@dataclass(frozen=True)
+class VoteResponse:
+    term: int
+    voter: str
+    granted: bool
+    prevote: bool = False
+
+    @property
+    def sender(self) -> str:
+        return self.voter
+
+
+@dataclass(frozen=True)
+class AppendEntries:
+    """Heartbeat of round ``round``; carries the payload (else None) when the follower may lack it."""
+
+    term: int
+    leader: str
+    round: int
+    version: Version
+    payload: str | None = None
+
+    @property
+    def sender(self) -> str:
+        return self.leader
+
+
+@dataclass(frozen=True)
+class AppendResponse:
+    term: int
+    follower: str
+    round: int
+    version: Version
+    success: bool
+
+    @property
+    def sender(self) -> str:
+        return self.follower
+
+
+@dataclass(frozen=True)
+class TimeoutNow:
+    """Leadership transfer: "campaign now". Carries the payload if the target lacks it."""
+
+    term: int
+    leader: str
+    version: Version
+    payload: str | None = None
+
+    @property
+    def sender(self) -> str:
+        return self.leader
+
+
+Message = Union[VoteRequest, VoteResponse, AppendEntries, AppendResponse, TimeoutNow]
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.__name__: cls for cls in (VoteRequest, VoteResponse, AppendEntries, AppendResponse, TimeoutNow)
+}
+
+
+def encode(msg: Message) -> dict[str, Any]:
+    """A JSON-ready dict of ``msg``, tagged with its type."""
+    d = dataclasses.asdict(msg)
+    if "version" in d:
+        d["version"] = list(d["version"])
+    d["type"] = type(msg).__name__
+    return d
+
+
+def decode(data: Any, expected: type | None = None) -> Message:
+    """Validate ``data`` (a decoded JSON object) and build the message it describes.
+
+    Raises :class:`ProtocolError` naming the first bad field.
+    """
+    if not isinstance(data, dict):
+        raise ProtocolError("message must be a JSON object")
+    name = data.get("type")
+    cls = MESSAGE_TYPES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {name!r}")
+    if expected is not None and cls is not expected:
+        raise ProtocolError(f"expected a {expected.__name__}, got {name}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields) - {"type"}
+    if unknown:
+        raise ProtocolError(f"{name}: unknown field(s) {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for fname, f in fields.items():
+        if fname not in data:
+            if f.default is dataclasses.MISSING:
+                raise ProtocolError(f"{name}: missing field {fname!r}")
+            continue
+        kwargs[fname] = _check(name, fname, data[fname])
+    return cls(**kwargs)
+
+
+def _number(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{where} must be an integer")
+    if not 0 <= value <= MAX_NUMBER:
+        raise ProtocolError(f"{where} out of range (0..2**53)")
+    return value
+
+
+def _check(name: str, field: str, value: Any) -> Any:
+    where = f"{name}.{field}"
+    if field in ("term", "round"):
+        return _number(where, value)
+    if field in ("candidate", "voter", "leader", "follower"):
+        if not isinstance(value, str) or not value or len(value) > MAX_ADDRESS_LEN:
+            raise ProtocolError(f"{where} must be a node address string")
+        return value
+    if field in ("prevote", "transfer", "granted", "success"):
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{where} must be true or false")
+        return value
+    if field == "version":
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ProtocolError(f"{where} must be [term, sequence]")
+        return (_number(where, value[0]), _number(where, value[1]))
+    if field == "payload":
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_PAYLOAD_LEN):
+            raise ProtocolError(f"{where} must be null or a string of at most {MAX_PAYLOAD_LEN} characters")
+        return value
+    raise ProtocolError(f"{where}: unexpected field")  # pragma: no cover - fields are fixed above

@@ -1,0 +1,325 @@
+"""A deterministic simulated cluster for the sans-I/O election core.
+
+Virtual real time ``t`` drives an event queue. Each node has its own clock
+(``offset + rate * t``, rate within the drift bound) and sees only its local
+time, exactly like the driver's ``time.monotonic()``. The network can delay,
+drop, duplicate and reorder messages and be partitioned (symmetrically or one
+way); nodes can crash (keeping what they persisted), restart and pause (a
+paused node handles nothing, its clock keeps running, and what was sent to it
+is handled late when it resumes, as with SIGSTOP/SIGCONT).
+
+After every event the safety invariants are checked:
+
+* at most one leader per term;
+* ``is_leader(local now)`` true on at most one node at any real instant;
+* no node grants two different votes in one term, restarts included;
+* every new leader holds every committed payload.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from celery_cluster.election import (
+    Committed,
+    Election,
+    LeaseAcquired,
+    Ready,
+    Role,
+    RoleChanged,
+    SteppedDown,
+)
+from celery_cluster.messages import HardState, VoteResponse
+
+
+class InvariantViolation(AssertionError):
+    pass
+
+
+class FixedTimeout(random.Random):
+    """An rng whose ``uniform`` always returns one value: for readable transcripts."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def uniform(self, a: float, b: float) -> float:  # noqa: ARG002 - fixed on purpose
+        return self.value
+
+
+class EagerTimeout(random.Random):
+    """Timeouts skewed hard towards the minimum: elections start as early as allowed."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.random() ** 8
+
+
+@dataclass
+class SimNode:
+    id: str
+    rate: float = 1.0
+    offset: float = 0.0
+    disk: HardState = field(default_factory=HardState)
+    core: Election | None = None
+    paused_until: float = 0.0
+    tick_gen: int = 0
+    tick_at: float = -1.0
+    rng: random.Random | None = None
+    backlog: list[Any] = field(default_factory=list)  # messages that arrived while paused
+
+    def local(self, t: float) -> float:
+        return self.offset + self.rate * t
+
+    def real(self, local: float) -> float:
+        return (local - self.offset) / self.rate
+
+
+class Sim:
+    def __init__(
+        self,
+        ids: list[str],
+        *,
+        seed: int = 0,
+        election_timeout: tuple[float, float] = (1.0, 2.0),
+        heartbeat_interval: float = 0.1,
+        max_clock_drift: float = 0.05,
+        delay: tuple[float, float] = (0.0005, 0.002),
+        rates: dict[str, float] | None = None,
+        tick_slack: float = 0.001,
+        eager: list[str] = (),
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.ids = list(ids)
+        self.timing = dict(election_timeout=election_timeout, heartbeat_interval=heartbeat_interval,
+                           max_clock_drift=max_clock_drift)
+        self.max_timeout = election_timeout[1]
+        self.delay = delay
+        self.drop = 0.0
+        self.dup = 0.0
+        self.tick_slack = tick_slack
+        self.blocked: set[tuple[str, str]] = set()
+        self.t = 0.0
+        self._queue: list[tuple[float, int, str, Any]] = []
+        self._seq = itertools.count()
+        self.nodes: dict[str, SimNode] = {}
+        for i in ids:
+            rate = (rates or {}).get(i, 1.0)
+            self.nodes[i] = SimNode(i, rate=rate, offset=self.rng.uniform(0, 1000))
+            if i in eager:
+                self.nodes[i].rng = EagerTimeout(self.rng.getrandbits(64))
+        # invariant bookkeeping
+        self.leaders_by_term: dict[int, str] = {}
+        self.votes: dict[tuple[str, int], str] = {}
+        self.payload_of: dict[tuple[int, int], str | None] = {}
+        self.max_committed: tuple[tuple[int, int], str | None] = ((0, 0), None)
+        self.events: list[tuple[float, str, Any]] = []
+        self.on_event: Callable[[str, Any], None] | None = None
+        for i in ids:
+            self.start(i)
+
+    # -- node lifecycle -------------------------------------------------------
+
+    def start(self, node_id: str) -> None:
+        n = self.nodes[node_id]
+        rng = n.rng or random.Random(self.rng.getrandbits(64))
+        n.core = Election(node_id, self.ids, now=n.local(self.t), state=n.disk, rng=rng, **self.timing)
+        n.backlog.clear()
+        self._schedule_tick(n)
+
+    def crash(self, node_id: str) -> None:
+        n = self.nodes[node_id]
+        n.core = None
+        n.backlog.clear()
+        n.tick_gen += 1
+        n.tick_at = -1.0
+
+    def restart(self, node_id: str) -> None:
+        self.crash(node_id)
+        self.start(node_id)
+
+    def pause(self, node_id: str, duration: float) -> None:
+        n = self.nodes[node_id]
+        n.paused_until = max(n.paused_until, self.t + duration)
+        self._push(n.paused_until, "resume", node_id)
+
+    def set_hard_state(self, node_id: str, **changes: Any) -> None:
+        """Rewrite a crashed node's persisted state (e.g. a higher term), then restart it."""
+        n = self.nodes[node_id]
+        d = n.disk
+        n.disk = HardState(changes.get("term", d.term), changes.get("voted_for", d.voted_for),
+                           changes.get("payload_version", d.payload_version), changes.get("payload", d.payload))
+        self.restart(node_id)
+
+    # -- network faults -------------------------------------------------------
+
+    def partition(self, *groups: list[str]) -> None:
+        for a, b in itertools.permutations(range(len(groups)), 2):
+            for x in groups[a]:
+                for y in groups[b]:
+                    self.blocked.add((x, y))
+
+    def block(self, src: str, dst: str) -> None:
+        self.blocked.add((src, dst))
+
+    def heal(self) -> None:
+        self.blocked.clear()
+        self.drop = self.dup = 0.0
+
+    # -- driving ------------------------------------------------------------------
+
+    def run_until(self, t_end: float) -> None:
+        while self._queue and self._queue[0][0] <= t_end:
+            t, _, kind, data = heapq.heappop(self._queue)
+            self.t = max(self.t, t)
+            self._dispatch(kind, data)
+            self.check_invariants()
+        self.t = max(self.t, t_end)
+        self.check_invariants()
+
+    def run_for(self, dt: float) -> None:
+        self.run_until(self.t + dt)
+
+    def call(self, node_id: str, fn: Callable[[Election, float], Any]) -> Any:
+        """Run an input on a live node's core (propose, transfer...) and apply its Ready."""
+        n = self.nodes[node_id]
+        assert n.core is not None and self.t >= n.paused_until, f"{node_id} is down or paused"
+        result = fn(n.core, n.local(self.t))
+        ready = result[1] if isinstance(result, tuple) else result
+        self._apply(n, ready)
+        self.check_invariants()
+        return result
+
+    def force_timeout(self, node_id: str) -> None:
+        """Make ``node_id``'s election timer fire now."""
+        def fire(core: Election, now: float) -> Ready:
+            core.election_deadline = now
+            return core.tick(now)
+        self.call(node_id, fire)
+
+    # -- queries ------------------------------------------------------------------
+
+    def core(self, node_id: str) -> Election:
+        core = self.nodes[node_id].core
+        assert core is not None, f"{node_id} is down"
+        return core
+
+    def is_leader(self, node_id: str) -> bool:
+        n = self.nodes[node_id]
+        return n.core is not None and n.core.is_leader(n.local(self.t))
+
+    def lease_holders(self) -> list[str]:
+        return [i for i in self.ids if self.is_leader(i)]
+
+    # -- internals ----------------------------------------------------------------
+
+    def _push(self, t: float, kind: str, data: Any) -> None:
+        heapq.heappush(self._queue, (t, next(self._seq), kind, data))
+
+    def _schedule_tick(self, n: SimNode) -> None:
+        if n.core is None:
+            return
+        due = max(self.t, n.real(n.core.next_deadline()))
+        if due == n.tick_at:
+            return  # already scheduled
+        n.tick_at = due
+        n.tick_gen += 1
+        self._push(due + self.rng.uniform(0, self.tick_slack), "tick", (n.id, n.tick_gen))
+
+    def _dispatch(self, kind: str, data: Any) -> None:
+        if kind == "tick":
+            node_id, gen = data
+            n = self.nodes[node_id]
+            if n.core is None or gen != n.tick_gen or self.t < n.paused_until:
+                return
+            self._apply(n, n.core.tick(n.local(self.t)))
+        elif kind == "deliver":
+            to, msg = data
+            n = self.nodes[to]
+            if n.core is None:
+                return
+            if self.t < n.paused_until:
+                n.backlog.append(msg)
+                return
+            self._apply(n, n.core.step(msg, n.local(self.t)))
+        elif kind == "resume":
+            n = self.nodes[data]
+            if n.core is None or self.t < n.paused_until:
+                return
+            backlog, n.backlog = n.backlog, []
+            self._apply(n, n.core.tick(n.local(self.t)))  # the timer thread wakes first
+            for msg in backlog:
+                self._push(self.t + self.rng.uniform(0, 0.001), "deliver", (n.id, msg))
+
+    def _apply(self, n: SimNode, ready: Ready) -> None:
+        core = n.core
+        assert core is not None
+        if ready.hard_state is not None:
+            n.disk = ready.hard_state  # persisted before anything is sent
+        if core.role is Role.LEADER:
+            self.payload_of.setdefault(core.version, core.payload)
+        for env in ready.messages:
+            m = env.msg
+            if isinstance(m, VoteResponse) and m.granted and not m.prevote:
+                prior = self.votes.setdefault((n.id, m.term), env.to)
+                if prior != env.to:
+                    raise InvariantViolation(f"{n.id} voted for {prior} and {env.to} in term {m.term}")
+                if n.disk.term != m.term or n.disk.voted_for != env.to:
+                    raise InvariantViolation(f"{n.id} granted a vote in term {m.term} before persisting it")
+            self._send(n.id, env.to, m)
+        for ev in ready.events:
+            self.events.append((self.t, n.id, ev))
+            if self.on_event:
+                self.on_event(n.id, ev)
+            if isinstance(ev, RoleChanged) and ev.role is Role.LEADER:
+                prior = self.leaders_by_term.setdefault(ev.term, n.id)
+                if prior != n.id:
+                    raise InvariantViolation(f"two leaders in term {ev.term}: {prior} and {n.id}")
+                self._check_new_leader_payload(n.id, core.payload)
+            elif isinstance(ev, Committed):
+                payload = self.payload_of.get(ev.version)
+                if ev.version > self.max_committed[0]:
+                    self.max_committed = (ev.version, payload)
+        self._schedule_tick(n)
+
+    def _check_new_leader_payload(self, node_id: str, payload: str | None) -> None:
+        committed_version, committed_payload = self.max_committed
+        if committed_payload is None:
+            return
+        if proposal_version(payload) < proposal_version(committed_payload):
+            raise InvariantViolation(
+                f"new leader {node_id} holds payload {payload!r}, older than committed {committed_payload!r}")
+
+    def _send(self, src: str, dst: str, msg: Any) -> None:
+        if (src, dst) in self.blocked or self.rng.random() < self.drop:
+            return
+        copies = 2 if self.rng.random() < self.dup else 1
+        for _ in range(copies):
+            self._push(self.t + self.rng.uniform(*self.delay), "deliver", (dst, msg))
+
+    def check_invariants(self) -> None:
+        holders = self.lease_holders()
+        if len(holders) > 1:
+            detail = ", ".join(f"{h} term {self.core(h).term} lease_until(local) {self.core(h).lease_until:.4f}"
+                               for h in holders)
+            raise InvariantViolation(f"two nodes act as leader at t={self.t:.4f}: {detail}")
+
+
+def proposal_version(payload: str | None) -> tuple[int, int]:
+    """Simulation payloads are ``"p<term>.<seq>"``: the version they were proposed at."""
+    if not payload:
+        return (0, 0)
+    term, seq = payload[1:].split(".")
+    return (int(term), int(seq))
+
+
+def propose_next(core: Election, now: float) -> tuple[tuple[int, int], Ready]:
+    """Propose a payload that names the version it will get."""
+    return core.propose(f"p{core.term}.{core.version[1] + 1}", now)
+
+
+__all__ = ["Sim", "InvariantViolation", "FixedTimeout", "propose_next", "proposal_version",
+           "LeaseAcquired", "SteppedDown"]
