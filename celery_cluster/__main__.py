@@ -1,0 +1,5 @@
+"""``python -m celery_cluster node ...``"""
+
+from .cli import main
+
+main()

@@ -1,0 +1,95 @@
+"""``celery-cluster node``: run one standalone member (the seed's example, as a tool).
+
+    celery-cluster node --listen 127.0.0.1:8899 --nodes 127.0.0.1:8899,127.0.0.1:8898,127.0.0.1:8897
+
+SIGTERM/SIGINT hand leadership over (if leading) and exit 0. Bad arguments
+print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Sequence
+
+import click
+
+from .cluster import Cluster
+from .config import parse_timeout_range
+from .errors import ClusterError
+
+
+class JsonTransitionFormatter(logging.Formatter):
+    """One JSON object per line for state transitions (``ts``, ``mono``, ``node``, ``event``...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = getattr(record, "cluster_event", None)
+        if event is not None:
+            return json.dumps(event, separators=(",", ":"))
+        return json.dumps({"ts": self.formatTime(record), "level": record.levelname,
+                           "logger": record.name, "message": record.getMessage()})
+
+
+def _setup_logging(fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    if fmt == "json":
+        handler.setFormatter(JsonTransitionFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+@click.group()
+def cli() -> None:
+    """celery-cluster: leader election for Celery workers."""
+
+
+@cli.command()
+@click.option("--listen", required=True, help="HOST:PORT to serve the /cluster routes on.")
+@click.option("--nodes", required=True, help="Comma-separated HOST:PORT of every member, this one included.")
+@click.option("--advertise", default=None, help="HOST:PORT peers reach this node at (default: --listen).")
+@click.option("--election-timeout", default="1.0-2.0", show_default=True, help="MIN-MAX seconds.")
+@click.option("--heartbeat-interval", default=0.1, type=float, show_default=True, help="Seconds.")
+@click.option("--state-dir", default=None, help="Directory for the term/vote file (default: per-node dir).")
+@click.option("--in-memory", is_flag=True, help="Keep no state on disk (gives up no-double-vote across restarts).")
+@click.option("--secret-file", default=None, help="File holding the shared HMAC secret.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def node(listen: str, nodes: str, advertise: str | None, election_timeout: str, heartbeat_interval: float,
+         state_dir: str | None, in_memory: bool, secret_file: str | None, log_format: str) -> None:
+    """Run one cluster member until SIGTERM/SIGINT."""
+    _setup_logging(log_format)
+    try:
+        cluster = Cluster(nodes, listen=listen, advertise=advertise,
+                          election_timeout=parse_timeout_range(election_timeout),
+                          heartbeat_interval=heartbeat_interval, state_dir=state_dir,
+                          secret_file=secret_file, persist=not in_memory)
+        cluster.start()
+    except (ClusterError, OSError) as exc:
+        click.echo(f"celery-cluster: error: {exc}", err=True)
+        sys.exit(2)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    cluster.stop(transfer=True, timeout=1.0)
+    sys.exit(0)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="celery-cluster",
+                 standalone_mode=False)
+    except click.UsageError as exc:  # one line, exit 2, like other bad arguments
+        click.echo(f"celery-cluster: error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except click.Abort:
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

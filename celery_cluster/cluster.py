@@ -1,0 +1,169 @@
+"""The public :class:`Cluster`: a node, its HTTP client and (optionally) its server."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from typing import Any, Callable, Iterable
+
+from flask import Blueprint, Flask
+
+from .auth import Signer, load_secret
+from .config import Timing, check_membership, default_state_dir, parse_address, parse_nodes, split_host_port
+from .errors import ConfigurationError
+from .http_client import PeerClient
+from .http_server import MAX_BODY, EmbeddedServer, make_blueprint
+from .messages import Version
+from .node import Leadership, Node
+from .state_file import StateFile
+
+log = logging.getLogger("celery_cluster")
+
+
+class Cluster:
+    """One member of a leader-election cluster.
+
+    ``nodes`` lists every member's advertise address (``HOST:PORT``), this one
+    included. With ``listen`` set, :meth:`start` runs an embedded HTTP server
+    there; otherwise mount :meth:`blueprint` in your own Flask app and pass
+    ``advertise``. ``on_leader(term)`` runs when this node's lease starts,
+    ``on_follower(term)`` at start and when leadership is lost; both run on a
+    callback thread, and an exception in one makes the node step down.
+
+    State (term, vote, replicated payload) is kept in ``state_dir`` - by default
+    ``$XDG_STATE_HOME/celery-cluster/<advertise>`` (``~/.local/state/...``).
+    ``persist=False`` keeps it in memory only and gives up the no-double-vote
+    guarantee across restarts; it must be asked for and warns.
+    """
+
+    def __init__(
+        self,
+        nodes: Iterable[str] | str,
+        listen: str | None = None,
+        advertise: str | None = None,
+        on_leader: Callable[[int], Any] | None = None,
+        on_follower: Callable[[int], Any] | None = None,
+        logger: logging.Logger | None = None,
+        election_timeout: tuple[float, float] | str = (1.0, 2.0),
+        heartbeat_interval: float = 0.1,
+        state_dir: str | os.PathLike[str] | None = None,
+        secret: str | bytes | None = None,
+        *,
+        secret_file: str | os.PathLike[str] | None = None,
+        persist: bool = True,
+        max_clock_drift: float = 0.05,
+    ) -> None:
+        self.log = logger or log
+        self.members = parse_nodes(nodes)
+        self.listen = parse_address(listen) if listen else None
+        if advertise is None and self.listen is None:
+            raise ConfigurationError("give listen= (embedded server) or advertise= (your own server)")
+        self.advertise = parse_address(advertise) if advertise else self.listen
+        assert self.advertise is not None
+        check_membership(self.members, self.advertise)
+        self.timing = Timing(election_timeout, heartbeat_interval, max_clock_drift)
+        secret_bytes = load_secret(secret=secret, secret_file=secret_file)
+        self.signer = Signer(secret_bytes) if secret_bytes else None
+        if persist:
+            self.state_dir = os.fspath(state_dir) if state_dir is not None else str(default_state_dir(self.advertise))
+            state_file: StateFile | None = StateFile(self.state_dir, self.advertise)
+        else:
+            if state_dir is not None:
+                raise ConfigurationError("persist=False and state_dir= contradict each other; pick one")
+            self.state_dir = None
+            state_file = None
+        self.client = PeerClient(
+            self.advertise,
+            tuple(m for m in self.members if m != self.advertise),
+            timeout=self.timing.rpc_timeout,
+            on_response=lambda msg: self.node.receive(msg),
+            signer=self.signer,
+        )
+        self.node = Node(self.advertise, self.members, transport=self.client, timing=self.timing,
+                         state_file=state_file, on_leader=on_leader, on_follower=on_follower, logger=self.log)
+        self._server: EmbeddedServer | None = None
+        self._bp: Blueprint | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the node (and the embedded server when ``listen`` was given)."""
+        if self.node.state_file is None:
+            self.log.warning("[cluster] running WITHOUT persistence: after a restart this node may vote "
+                             "twice in a term; pass state_dir= to keep the guarantee")
+        if self.signer is None and self.listen and not _is_loopback(self.listen):
+            self.log.warning("[cluster] listening on %s without a shared secret: anyone who can reach it "
+                             "can disrupt elections; set a secret (CELERY_CLUSTER_SECRET / --secret-file)",
+                             self.listen)
+        if self.listen and self._server is None:
+            app = Flask("celery_cluster")
+            app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+            app.register_blueprint(self.blueprint())
+            host, port = split_host_port(self.listen)
+            self._server = EmbeddedServer(app, host, port)
+            self._server.start()
+        self.node.start()
+
+    def stop(self, *, transfer: bool = True, timeout: float = 1.0) -> None:
+        """Hand leadership over if leading, then stop. Works whether or not start() ran."""
+        self.node.stop(transfer=transfer, timeout=timeout)
+        if self._server is not None:
+            self._server.stop()
+
+    def __enter__(self) -> Cluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- API -------------------------------------------------------------------
+
+    def blueprint(self) -> Blueprint:
+        """The ``/cluster`` routes, to mount in your own Flask app."""
+        if self._bp is None:
+            self._bp = make_blueprint(self.node, self.signer)
+        return self._bp
+
+    def is_leader(self) -> bool:
+        """Lease-checked leadership: call it right before each leader-only action."""
+        return self.node.is_leader()
+
+    def leadership(self) -> Leadership | None:
+        return self.node.leadership()
+
+    def status(self) -> dict[str, Any]:
+        return self.node.status()
+
+    def stepdown(self, to: str | None = None) -> str:
+        """Transfer leadership (to ``to`` or the most up-to-date reachable peer); returns the target."""
+        return self.node.transfer_leadership(parse_address(to) if to else None)
+
+    def propose(self, payload: str) -> Version:
+        return self.node.propose(payload)
+
+    def wait_committed(self, version: Version, timeout: float) -> bool:
+        return self.node.wait_committed(version, timeout)
+
+    @property
+    def payload(self) -> tuple[Version, str]:
+        return self.node.payload
+
+    @property
+    def id(self) -> str:
+        return self.advertise
+
+    @property
+    def port(self) -> int | None:
+        return self._server.port if self._server else None
+
+
+def _is_loopback(address: str) -> bool:
+    host, _ = split_host_port(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
