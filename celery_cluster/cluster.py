@@ -80,8 +80,13 @@ class Cluster:
             on_response=lambda msg: self.node.receive(msg),
             signer=self.signer,
         )
-        self.node = Node(self.advertise, self.members, transport=self.client, timing=self.timing,
-                         state_file=state_file, on_leader=on_leader, on_follower=on_follower, logger=self.log)
+        try:
+            self.node = Node(self.advertise, self.members, transport=self.client, timing=self.timing,
+                             state_file=state_file, on_leader=on_leader, on_follower=on_follower,
+                             logger=self.log)
+        except BaseException:
+            self.client.close()  # e.g. StateFileError: don't leave the per-peer sender threads behind
+            raise
         self._server: EmbeddedServer | None = None
         self._bp: Blueprint | None = None
 
@@ -101,7 +106,7 @@ class Cluster:
             app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
             app.register_blueprint(self.blueprint())
             host, port = split_host_port(self.listen)
-            self._server = EmbeddedServer(app, host, port)
+            self._server = EmbeddedServer(app, host, port, rpc_endpoint=self.blueprint().rpc_endpoint)
             self._server.start()
         self.node.start()
 
@@ -123,7 +128,7 @@ class Cluster:
     def blueprint(self) -> Blueprint:
         """The ``/cluster`` routes, to mount in your own Flask app."""
         if self._bp is None:
-            self._bp = make_blueprint(self.node, self.signer)
+            self._bp = make_blueprint(self.node, self.signer, status=self.status)
         return self._bp
 
     def is_leader(self) -> bool:
@@ -134,7 +139,12 @@ class Cluster:
         return self.node.leadership()
 
     def status(self) -> dict[str, Any]:
-        return self.node.status()
+        """The node's status plus, per peer, recent heartbeat round trips (``heartbeat_rtt``)."""
+        status = self.node.status()
+        rtts = self.client.heartbeat_rtts()
+        for peer in status["nodes"]:
+            peer["heartbeat_rtt"] = rtts.get(peer["address"])
+        return status
 
     def stepdown(self, to: str | None = None) -> str:
         """Transfer leadership (to ``to`` or the most up-to-date reachable peer); returns the target."""

@@ -177,6 +177,8 @@ class Election:
         self.election_deadline = now if self.quorum == 1 else now + self._random_timeout()
 
         self._votes: dict[str, bool] = {}
+        #: A retiring node (shutting down) still votes but never campaigns.
+        self.passive = False
         # leader state
         self.lease_until = NEVER
         self._had_lease = False
@@ -218,7 +220,7 @@ class Election:
                 self._become_follower(now, self.term, None, reason)
             elif now >= self.next_heartbeat:
                 self._broadcast(now)
-        elif now >= self.election_deadline:
+        elif now >= self.election_deadline and not self.passive:
             self._start_prevote(now)
         self.last_tick = now
         return self._ready()

@@ -5,15 +5,16 @@ the heartbeats to others (the seed waited for every peer each round). A newer
 heartbeat replaces an older one still waiting in a peer's queue, so a slow
 peer gets the latest round rather than a backlog.
 
-The connection is a stdlib ``http.client.HTTPConnection`` with TCP_NODELAY, not
-a ``requests.Session``: requests re-reads proxy settings from the environment
-on every call, which cost ~0.8 ms per heartbeat here (``bench/failover.py``).
+The connection is a minimal HTTP/1.1 keep-alive client over one socket with
+TCP_NODELAY, not a ``requests.Session``: requests re-reads proxy settings from
+the environment on every call and http.client parses headers with the email
+package; together they cost ~1 ms of CPU per heartbeat here, more than the
+whole round trip budget (see ``bench/failover.py``).
 """
 
 from __future__ import annotations
 
 import collections
-import http.client
 import json
 import logging
 import socket
@@ -48,7 +49,8 @@ class _PeerSender:
         self.cond = threading.Condition()
         self.busy = False
         self.closed = False
-        self.conn: http.client.HTTPConnection | None = None
+        self.conn: _Connection | None = None
+        self.rtts: collections.deque[float] = collections.deque(maxlen=512)  # heartbeat round trips, s
         self.thread = threading.Thread(target=self._run, name=f"celery-cluster-send-{peer}", daemon=True)
         self.thread.start()
 
@@ -87,7 +89,10 @@ class _PeerSender:
                 msg = self.queue.popleft()
                 self.busy = True
             try:
+                sent = time.perf_counter()
                 reply = self._post(msg)
+                if isinstance(msg, AppendEntries) and msg.payload is None:
+                    self.rtts.append(time.perf_counter() - sent)
                 if reply is not None:
                     self.client.on_response(reply)
             except Exception as exc:  # noqa: BLE001 - peers come and go; Raft retries by design
@@ -104,14 +109,53 @@ class _PeerSender:
 
     def _post(self, msg: Message) -> Message | None:
         if self.conn is None:
-            host, _, port = self.peer.rpartition(":")
-            self.conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self.client.timeout)
-            self.conn.connect()
-            self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.conn = _Connection(self.peer, self.client.timeout)
         reply = self.client.post(self.conn, self.peer, msg)
-        if self.conn.sock is None:  # the server closed it (after an error reply)
+        if self.conn.closed:  # the server closed it (after an error reply)
             self.conn = None
         return reply
+
+
+class _Connection:
+    """Just enough HTTP/1.1 for peer RPCs: POST with Content-Length, keep-alive."""
+
+    def __init__(self, peer: str, timeout: float) -> None:
+        host, _, port = peer.rpartition(":")
+        self.host = peer
+        self.sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile = self.sock.makefile("rb")
+        self.closed = False
+
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        head = [f"POST {path} HTTP/1.1", f"Host: {self.host}", f"Content-Length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        status_line = self.rfile.readline(1024)
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+            raise ConnectionError(f"bad status line {status_line[:80]!r}")
+        status = int(parts[1])
+        length, close = 0, False
+        for _ in range(100):
+            line = self.rfile.readline(8192)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                close = True
+        data = self.rfile.read(length) if length else b""
+        if close:
+            self.close()
+        return status, data
+
+    def close(self) -> None:
+        self.closed = True
+        self.rfile.close()
+        self.sock.close()
 
 
 class PeerClient:
@@ -147,21 +191,30 @@ class PeerClient:
         for s in self._senders.values():
             s.close()
 
-    def post(self, conn: http.client.HTTPConnection, peer: str, msg: Message) -> Message | None:
+    def heartbeat_rtts(self) -> dict[str, dict[str, float | int | None]]:
+        """Per peer: p50/p99 of recent heartbeat round trips (ms), for status and the benchmark."""
+        out: dict[str, dict[str, float | int | None]] = {}
+        for peer, sender in self._senders.items():
+            samples = sorted(sender.rtts)
+            n = len(samples)
+            out[peer] = {
+                "samples": n,
+                "p50_ms": round(samples[n // 2] * 1000, 3) if n else None,
+                "p99_ms": round(samples[min(n - 1, (n * 99) // 100)] * 1000, 3) if n else None,
+            }
+        return out
+
+    def post(self, conn: _Connection, peer: str, msg: Message) -> Message | None:
         path = f"{BASE_PATH}/{endpoint_for(msg)}"
         body = json.dumps(encode(msg), separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json"}
         if self.signer is not None:
             headers.update(self.signer.sign("POST", path, self.node_id, body))
-        conn.request("POST", path, body=body, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-        if resp.will_close:
-            conn.close()
-        if resp.status == 204:
+        status, data = conn.post(path, body, headers)
+        if status == 204:
             return None
-        if resp.status != 200:
-            log.warning("[cluster] %s refused %s: HTTP %s %s", peer, path, resp.status, data[:200])
+        if status != 200:
+            log.warning("[cluster] %s refused %s: HTTP %s %s", peer, path, status, data[:200])
             return None
         reply = decode(json.loads(data))
         if reply.sender != peer:

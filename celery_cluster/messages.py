@@ -111,9 +111,12 @@ MESSAGE_TYPES: dict[str, type] = {
 }
 
 
+_FIELD_NAMES = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MESSAGE_TYPES.values()}
+
+
 def encode(msg: Message) -> dict[str, Any]:
     """A JSON-ready dict of ``msg``, tagged with its type."""
-    d = dataclasses.asdict(msg)
+    d: dict[str, Any] = {name: getattr(msg, name) for name in _FIELD_NAMES[type(msg)]}
     if "version" in d:
         d["version"] = list(d["version"])
     d["type"] = type(msg).__name__

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import queue
 import threading
 import time
@@ -42,6 +43,10 @@ class Transport(Protocol):
         """Wait (at most ``timeout``) until queued messages have been sent."""
 
     def close(self) -> None: ...
+
+
+class NodeStopped(ClusterError):
+    """A request reached a node that was stopped."""
 
 
 class Leadership:
@@ -98,6 +103,7 @@ class Node:
         self._leadership: Leadership | None = None
         self._running = False
         self._stopped = False
+        self._timer_deadline = -math.inf  # what the timer thread sleeps towards
         self._threads: list[threading.Thread] = []
         state = state_file.load() if state_file is not None else None
         self.core = Election(
@@ -139,18 +145,25 @@ class Node:
                     ready = self.core.step_down(self.clock(), "shutdown")
                 self._handle(ready)
             self._running = False
+            self._timer_deadline = math.inf
             self._wake.notify_all()
         self.transport.flush(timeout / 2)
         self._callbacks.put(None)
         for t in self._threads:
-            t.join(timeout / 2)
+            if t is not threading.current_thread():  # stop() may be called from a callback
+                t.join(timeout / 2)
         self.transport.close()
 
     # -- inputs from the transport ----------------------------------------------
 
     def handle_request(self, msg: Message) -> Message | None:
-        """Step an incoming request; return the reply for its sender (after persisting)."""
+        """Step an incoming request; return the reply for its sender (after persisting).
+
+        Raises :class:`NodeStopped` once :meth:`stop` ran: a stopped node must not vote
+        or write its state file (a new instance may already own that file)."""
         with self._lock:
+            if self._stopped:
+                raise NodeStopped(f"{self.id} is stopped")
             ready = self.core.step(msg, self.clock())
             reply = None
             for env in ready.messages:
@@ -175,6 +188,25 @@ class Node:
         """Lease-checked: true only while this node's lease is valid right now."""
         with self._lock:
             return self.core.is_leader(self.clock()) and (term is None or term == self.core.term)
+
+    def lease(self) -> tuple[int, float] | None:
+        """(term, lease_until on the monotonic clock) while this node leads, else None."""
+        with self._lock:
+            if not self.core.is_leader(self.clock()):
+                return None
+            return self.core.term, self.core.lease_until
+
+    def retire(self) -> None:
+        """Shutting down: hand leadership over (or step down) and never campaign again,
+        but keep answering votes so the successor can be elected."""
+        with self._lock:
+            self.core.passive = True
+            if self.core.role is Role.LEADER:
+                try:
+                    _, ready = self.core.transfer_leadership(self.clock())
+                except TransferError:
+                    ready = self.core.step_down(self.clock(), "shutdown")
+                self._handle(ready)
 
     def leadership(self) -> Leadership | None:
         """The handle of the current term's leadership, if this node leads."""
@@ -249,7 +281,8 @@ class Node:
             self.transport.send(env)
         for ev in ready.events:
             self._on_event(ev)
-        self._wake.notify_all()
+        if self.core.next_deadline() < self._timer_deadline:
+            self._wake.notify_all()  # only when the timer must fire earlier than it planned
 
     def _on_event(self, ev: object) -> None:
         if isinstance(ev, RoleChanged):
@@ -276,9 +309,12 @@ class Node:
                 now = self.clock()
                 deadline = self.core.next_deadline()
                 if now >= deadline:
+                    self._timer_deadline = -math.inf  # we are awake: nobody needs to wake us
                     self._handle(self.core.tick(now))
                     continue
+                self._timer_deadline = deadline
                 self._wake.wait(deadline - now)
+                self._timer_deadline = -math.inf
 
     def _run_callbacks(self) -> None:
         while True:

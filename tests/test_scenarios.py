@@ -21,7 +21,8 @@ Driving the cluster::
     hold n2 n3 -> n1 [Type k=v..]   the network keeps matching messages ('*' = any node)
     release [n2 -> n1] [Type k=v..] ...and delivers them late (no filter: all, and stop holding)
     heal                            undo partition/block/cut/hold (held messages are delivered)
-    deliver n2 -> n1 Type k=v..     inject a message (a late duplicate, a forged old one)
+    deliver n2 -> n1 Type k=v..     n1 receives this message 1 ms later, whatever the network
+                                    (a late duplicate, a very old one)
     campaign n2                     n2's election timer fires now
     propose n1 [fails TEXT]         the leader replaces the payload with "p<term>.<seq>"
     transfer n1 [to n2] [fails TEXT]  leadership transfer (TimeoutNow)
@@ -36,6 +37,7 @@ Expectations (``none`` means "nobody"; versions are written term.seq, e.g. 2.3):
                                     lease: is_leader(now) is true
     expect leaders n1               exactly these nodes have is_leader(now) true
     expect no-leader                nobody has
+    expect one-leader               exactly one node has, whichever
     expect voted n2 term=2 for=n1   what n2 has persisted
     expect event n1 [none] KIND [k=v..]
                                     KIND: a role (RoleChanged), lease (LeaseAcquired),
@@ -49,6 +51,8 @@ Expectations (``none`` means "nobody"; versions are written term.seq, e.g. 2.3):
     expect payload n2 n3 = p2.3     payload held in memory (or on disk when down)
     expect version n2 n3 = 2.3      same for the payload version
     expect transfer-target n3       whom the last 'transfer' picked
+    expect handover n1 -> n2        n2's latest election came after the end of the lease n1
+                                    gave up in its latest stepped-down event (real time)
 """
 
 from __future__ import annotations
@@ -132,11 +136,21 @@ def matches(obj: Any, want: dict[str, Any]) -> bool:
     return True
 
 
+def fmt(v: Any) -> str:
+    if isinstance(v, tuple):
+        return f"{v[0]}.{v[1]}"
+    if v is None or isinstance(v, bool):
+        return str(v).lower()
+    return str(v) if v != "" else '""'
+
+
 def show(obj: Any) -> str:
+    """One event or message, written the way a transcript would match it."""
     if isinstance(obj, (RoleChanged, LeaseAcquired, SteppedDown, Committed)):
-        detail = {k: v for k, v in vars(obj).items() if k not in ("role", "lease_until")}
-        return f"{event_kind(obj)} " + " ".join(f"{k}={v}" for k, v in detail.items())
-    return f"{type(obj).__name__} " + " ".join(f"{f.name}={getattr(obj, f.name)!r}" for f in fields(obj))
+        detail = {("leader" if k == "leader_id" else k): v for k, v in vars(obj).items()
+                  if k not in ("role", "lease_until")}
+        return f"{event_kind(obj)} " + " ".join(f"{k}={fmt(v)}" for k, v in detail.items())
+    return f"{type(obj).__name__} " + " ".join(f"{f.name}={fmt(getattr(obj, f.name))}" for f in fields(obj))
 
 
 # -- the interpreter ----------------------------------------------------------------------
@@ -235,6 +249,7 @@ class Scenario:
     # commands
 
     def cmd_cluster(self, args: list[str]) -> None:
+        self.__init__()  # a second 'cluster' line starts a new story
         ids = [a for a in args if "=" not in a]
         opts = dict(a.split("=", 1) for a in args if "=" in a)
         kw: dict[str, Any] = {}
@@ -259,10 +274,12 @@ class Scenario:
             raise Failed(f"'{what}' must come before the first 'run'")
 
     def cmd_timeouts(self, args: list[str]) -> None:
-        self._before_start("timeouts")
         for node, v in keyvals(args).items():
-            self.s.nodes[self.node(node)].rng = FixedTimeout(float(v))
-            self.s.restart(node)  # at t=0: as if it had started with this timeout
+            rng = self.s.nodes[self.node(node)].rng = FixedTimeout(float(v))
+            if self.s.t == 0:
+                self.s.restart(node)  # as if it had started with this timeout
+            elif self.s.nodes[node].core is not None:
+                self.s.nodes[node].core.rng = rng  # from its next timer on
 
     def cmd_rates(self, args: list[str]) -> None:
         self._before_start("rates")
@@ -346,7 +363,7 @@ class Scenario:
             msg = cls(**kw)
         except TypeError as e:
             raise Failed(f"cannot build {kind}: {e}") from e
-        self.raw_send(src, self.node(dst), msg)
+        self.s._push(self.s.t + 0.001, "deliver", (self.node(dst), msg))  # whatever the network
 
     def cmd_campaign(self, args: list[str]) -> None:
         self.live(args[0])
@@ -422,6 +439,10 @@ class Scenario:
     def expect_no_leader(self, args: list[str]) -> None:
         self.expect_leaders(["none"])
 
+    def expect_one_leader(self, args: list[str]) -> None:
+        if len(self.s.lease_holders()) != 1:
+            raise Failed(f"nodes with is_leader() true: {self.s.lease_holders() or 'none'}, expected exactly one")
+
     def expect_voted(self, args: list[str]) -> None:
         disk = self.s.nodes[self.node(args[0])].disk
         want = keyvals(args[1:])
@@ -487,6 +508,17 @@ class Scenario:
         if bad:
             raise Failed(f"expected {want!r}, but " + ", ".join(f"{n} holds {v!r}" for n, v in sorted(bad.items())))
 
+    def expect_handover(self, args: list[str]) -> None:
+        (old,), (new,), _ = self.arrow(args)
+        downs = [e for _, n, e in self.s.events if n == old and isinstance(e, SteppedDown)]
+        elected = [t for t, n, e in self.s.events if n == new and isinstance(e, RoleChanged) and e.role is Role.LEADER]
+        if not downs or not elected:
+            raise Failed(f"need a stepped-down event of {old} and a leader event of {new}")
+        lease_end = self.s.nodes[old].real(downs[-1].lease_until)  # its clock -> real time
+        if elected[-1] < lease_end:
+            raise Failed(f"{new} was elected at t={elected[-1]:.4f}, before {old}'s lease ended at t={lease_end:.4f}")
+        print(f"{old}'s lease ended at t={lease_end:.4f}; {new} elected at t={elected[-1]:.4f}")
+
     def expect_transfer_target(self, args: list[str]) -> None:
         if self.transfer_target != args[0]:
             raise Failed(f"the transfer went to {self.transfer_target}, expected {args[0]}")
@@ -522,8 +554,8 @@ def test_scenario(path: Path) -> None:
 def test_errors_name_the_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.txt"
     bad.write_text("cluster n1 n2 n3\n\n# comment\nfrobnicate n1\n")
-    with pytest.raises(ScenarioError, match=r"bad\.txt:4: frobnicate n1\n.*unknown command 'frobnicate'"):
+    with pytest.raises(ScenarioError, match=r"(?s)bad\.txt:4: frobnicate n1\n.*unknown command 'frobnicate'"):
         Scenario().run_file(bad)
     bad.write_text("cluster n1 n2 n3\ntimeouts n1=1.0\nrun 1.2\nexpect n2 leader term=1\n")
-    with pytest.raises(ScenarioError, match=r"bad\.txt:4: .*n2: role is follower"):
+    with pytest.raises(ScenarioError, match=r"(?s)bad\.txt:4: .*n2: role is follower"):
         Scenario().run_file(bad)
