@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test sim bench-quick bench clean
+.PHONY: test sim bench-quick bench demo clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,3 +27,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+## Three workers on loopback, kill the leader, watch the schedule continue (no broker server needed).
+demo: $(STAMP)
+	$(PY) examples/basic/demo.py

@@ -10,7 +10,9 @@ For every firing, :meth:`ReplicatedSchedulerMixin.apply_entry`
    payload and waits until a majority holds it (sent at once, not at the next
    heartbeat);
 2. re-checks the lease (``is_leader(now)``) right before publishing;
-3. publishes with header ``cluster_term`` (the fencing token).
+3. publishes with headers ``cluster_term`` (the fencing token) and
+   ``cluster_run`` (the entry's replicated run count: a duplicate firing would
+   repeat a number, a skipped one would leave a gap).
 
 A new leader seeds its scheduler from the payload, which holds every committed
 firing (Raft's up-to-date rule), so no due time fires twice across a failover
@@ -85,8 +87,12 @@ class ReplicatedSchedulerMixin:
         beat = self.cluster_beat
         if not beat.record_firing(self.schedule):  # type: ignore[attr-defined]
             return
+        # The run number is replicated with the firing: unique across failovers,
+        # so consumers can spot a duplicate (same number twice) or a gap.
+        run = self.schedule[entry.name].total_run_count  # type: ignore[attr-defined]
         options = dict(entry.options)
-        options["headers"] = {**options.get("headers", {}), "cluster_term": beat.leadership.term}
+        options["headers"] = {**options.get("headers", {}), "cluster_term": beat.leadership.term,
+                              "cluster_run": run}
         entry = copy.copy(entry)
         entry.options = options
         if not beat.leadership.is_valid():  # the lease, re-checked right before publishing

@@ -449,6 +449,8 @@ class Election:
     def _on_timeout_now(self, m: TimeoutNow, now: float) -> None:
         if m.term != self.term or self.role is not Role.FOLLOWER or self.leader_id not in (None, m.leader):
             return  # stale or not from our leader
+        if self.passive:
+            return  # shutting down: the sender's election timeout will find another leader
         if m.payload is not None and m.version > self.version:
             self.version, self.payload = m.version, m.payload
         self._campaign(now, transfer=True)
