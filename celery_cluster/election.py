@@ -170,7 +170,11 @@ class Election:
         self.role = Role.FOLLOWER
         self.leader_id: str | None = None
         self.started_at = now
-        self.leader_contact = NEVER  # when we last heard the leader of our term
+        # The recent-leader rule remembers who we last heard lead, and when, apart
+        # from leader_id: adopting a higher term (even from a late response)
+        # must not make a node forget a leader whose lease may count on it.
+        self.contact_leader: str | None = None
+        self.leader_contact = NEVER
         self.last_heard: dict[str, float] = {}  # any message, per peer (for status)
         self.last_tick = now
         # A lone member leads at once; others wait a randomised timeout.
@@ -290,10 +294,10 @@ class Election:
             return True  # restarted: we may have acked a leader's round we no longer remember
         if self.role is Role.LEADER:
             return now < self.lease_until
-        return self.leader_id is not None and now - self.leader_contact < self.min_timeout
+        return self.contact_leader is not None and now - self.leader_contact < self.min_timeout
 
     def _on_vote_request(self, m: VoteRequest, now: float) -> None:
-        sticky = self._in_lease(now) and not (self.role is not Role.LEADER and m.candidate == self.leader_id)
+        sticky = self._in_lease(now) and not (self.role is not Role.LEADER and m.candidate == self.contact_leader)
         if sticky and not m.transfer:
             self._send(m.candidate, VoteResponse(self.term, self.id, False, m.prevote))
             return
@@ -334,6 +338,10 @@ class Election:
         return sum(1 for g in self._votes.values() if g)
 
     def _start_prevote(self, now: float) -> None:
+        if self.contact_leader is not None and now - self.leader_contact < self.min_timeout:
+            # Our own lease promise binds us too: no campaign while the leader may hold a lease.
+            self.election_deadline = self.leader_contact + self.min_timeout
+            return
         self._set_role(Role.PRE_CANDIDATE, None)
         self._votes = {self.id: True}
         self.election_deadline = now + self._random_timeout()
@@ -440,7 +448,7 @@ class Election:
             if self.role is Role.LEADER and m.term == self.term:
                 return  # impossible: one leader per term; never follow a twin
             self._become_follower(now, m.term, m.leader, "higher_term")
-        self.leader_contact = now
+        self.contact_leader, self.leader_contact = m.leader, now
         self.election_deadline = now + self._random_timeout()
         if m.payload is not None and m.version > self.version:
             self.version, self.payload = m.version, m.payload
@@ -465,7 +473,7 @@ class Election:
             self.voted_for = None
         self._set_role(Role.FOLLOWER, leader)
         if leader is not None:
-            self.leader_contact = now
+            self.contact_leader, self.leader_contact = leader, now
         self.election_deadline = now + self._random_timeout()
 
     # -- plumbing ----------------------------------------------------------------

@@ -102,6 +102,7 @@ class Sim:
         self.dup = 0.0
         self.tick_slack = tick_slack
         self.blocked: set[tuple[str, str]] = set()
+        self.slow: dict[tuple[str, str], float] = {}  # extra delay on a link: late, not lost
         self.t = 0.0
         self._queue: list[tuple[float, int, str, Any]] = []
         self._seq = itertools.count()
@@ -167,6 +168,7 @@ class Sim:
 
     def heal(self) -> None:
         self.blocked.clear()
+        self.slow.clear()
         self.drop = self.dup = 0.0
 
     # -- driving ------------------------------------------------------------------
@@ -297,8 +299,9 @@ class Sim:
         if (src, dst) in self.blocked or self.rng.random() < self.drop:
             return
         copies = 2 if self.rng.random() < self.dup else 1
+        extra = self.slow.get((src, dst), 0.0)
         for _ in range(copies):
-            self._push(self.t + self.rng.uniform(*self.delay), "deliver", (dst, msg))
+            self._push(self.t + extra + self.rng.uniform(*self.delay), "deliver", (dst, msg))
 
     def check_invariants(self) -> None:
         holders = self.lease_holders()

@@ -5,11 +5,12 @@ Time is virtual (seconds); every node's timer and message is simulated by
 ``tests/simnet.py``, which also checks the safety invariants after every event
 (one leader per term, never two lease holders at once, one vote per term...).
 
-Setting up (before the first ``run``)::
+Setting up (a later ``cluster`` line starts a new story in the same file)::
 
     cluster n1 n2 n3 [timeout=1.0-2.0] [heartbeat=0.1] [drift=0.05] [seed=0]
     timeouts n1=1.0 n2=1.5          fixed election timeouts, so the story is deterministic
-    rates n1=0.95 n2=1.05           clock rates (within the drift bound)
+                                    (at t=0: from the start; later: from the next timer on)
+    rates n1=0.95 n2=1.05           clock rates within the drift bound (before the first run)
 
 Driving the cluster::
 
@@ -18,12 +19,15 @@ Driving the cluster::
     pause n1 3.0                    SIGSTOP for 3 s: its clock runs, its inbox waits
     partition n1 | n2 n3            split the network into groups (more '|' for more groups)
     block n1 -> n2 | cut n1 n2      drop n1's messages to n2 / both ways
-    hold n2 n3 -> n1 [Type k=v..]   the network keeps matching messages ('*' = any node)
-    release [n2 -> n1] [Type k=v..] ...and delivers them late (no filter: all, and stop holding)
+    hold n2 n3 -> n1 [Type k=v..]   the network keeps matching messages ('*' = any node)...
+    release [n2 -> n1] [Type k=v..] ...and sends them on late, through the network as it is
+                                    now (no filter: all of them, and stop holding)
     heal                            undo partition/block/cut/hold (held messages are delivered)
     deliver n2 -> n1 Type k=v..     n1 receives this message 1 ms later, whatever the network
                                     (a late duplicate, a very old one)
-    campaign n2                     n2's election timer fires now
+    campaign n2                     n2's election timer fires now. Realistic only for a node
+                                    that heard no leader for the minimum election timeout:
+                                    a real timer never fires sooner (the lease relies on it)
     propose n1 [fails TEXT]         the leader replaces the payload with "p<term>.<seq>"
     transfer n1 [to n2] [fails TEXT]  leadership transfer (TimeoutNow)
     set-term n3 7                   rewrite n3's persisted term, restart it
@@ -65,7 +69,7 @@ from typing import Any
 import pytest
 
 from celery_cluster import messages
-from celery_cluster.election import Committed, LeaseAcquired, Role, RoleChanged, SteppedDown
+from celery_cluster.election import Committed, Election, LeaseAcquired, Role, RoleChanged, SteppedDown
 from tests.simnet import FixedTimeout, Sim, propose_next
 
 DATA = Path(__file__).parent / "testdata"
@@ -182,7 +186,7 @@ class Scenario:
     def nodes(self, names: list[str]) -> set[str]:
         return set(self.s.ids) if names == ["*"] else {self.node(n) for n in names}
 
-    def live(self, name: str):
+    def live(self, name: str) -> Election:
         n = self.s.nodes[self.node(name)]
         if n.core is None:
             raise Failed(f"{name} is down")
@@ -275,11 +279,12 @@ class Scenario:
 
     def cmd_timeouts(self, args: list[str]) -> None:
         for node, v in keyvals(args).items():
-            rng = self.s.nodes[self.node(node)].rng = FixedTimeout(float(v))
-            if self.s.t == 0:
+            n = self.s.nodes[self.node(node)]
+            n.rng = FixedTimeout(float(v))
+            if n.core is not None and self.s.t == 0:
                 self.s.restart(node)  # as if it had started with this timeout
-            elif self.s.nodes[node].core is not None:
-                self.s.nodes[node].core.rng = rng  # from its next timer on
+            elif n.core is not None:
+                n.core.rng = n.rng  # from its next timer on
 
     def cmd_rates(self, args: list[str]) -> None:
         self._before_start("rates")
@@ -487,8 +492,10 @@ class Scenario:
 
     def expect_committed(self, args: list[str]) -> None:
         node, op, want = self.node(args[0]), args[1], version(args[2])
+        if op not in (">=", "="):
+            raise Failed(f"expected '>=' or '=', got {op!r}")
         got = max((e.version for _, n, e in self.s.events if n == node and isinstance(e, Committed)), default=(0, 0))
-        if not {">=": got >= want, "=": got == want}[op]:
+        if not (got >= want if op == ">=" else got == want):
             raise Failed(f"{node} committed {got[0]}.{got[1]}, expected {op} {args[2]}")
 
     def _held(self, node: str) -> tuple[tuple[int, int], str]:
@@ -502,6 +509,8 @@ class Scenario:
         self._expect_held(args, 0, version)
 
     def _expect_held(self, args: list[str], which: int, parse) -> None:
+        if "=" not in args:
+            raise Failed("expected 'NODE... = VALUE'")
         i = args.index("=")
         want = parse(" ".join(args[i + 1:]))
         bad = {n: self._held(n)[which] for n in self.nodes(args[:i]) if self._held(n)[which] != want}
@@ -536,7 +545,7 @@ class Scenario:
                 if handler is None:
                     raise Failed(f"unknown command {cmd!r}")
                 handler(args)
-            except (Failed, AssertionError, ValueError, IndexError, KeyError) as e:
+            except Exception as e:  # noqa: BLE001 - every failure gets the file and line
                 state = f"\n{self.status()}" if self.sim is not None else ""
                 raise ScenarioError(f"{path.name}:{lineno}: {raw.strip()}\n  {type(e).__name__}: {e}{state}") from e
 

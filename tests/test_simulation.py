@@ -42,8 +42,9 @@ def fault_strategy(n: int) -> st.SearchStrategy:
         st.tuples(st.just("partition"), at, st.lists(st.booleans(), min_size=n, max_size=n), length),
         st.tuples(st.just("oneway"), at, st.tuples(node, node), length),
         st.tuples(st.just("cut"), at, st.tuples(node, node), length),
+        st.tuples(st.just("slow"), at, st.tuples(node, node, st.floats(0.5, 4.0)), length),
         st.tuples(st.just("lossy"), at, st.tuples(st.floats(0, 0.5), st.floats(0, 0.3),
-                                                 st.floats(0.001, 0.4)), length),
+                                                 st.one_of(st.floats(0.001, 0.4), st.floats(0.4, 3.0))), length),
         st.tuples(st.just("transfer"), at),
         st.tuples(st.just("higher_term"), at, node, st.integers(1, 5)),
     )
@@ -120,8 +121,8 @@ def resolve_leader(sim: Sim, ids: list[str], action: tuple) -> tuple:
         return leader if x == n else x
     if action[0] in ("crash", "pause", "higher_term"):
         return (*action[:2], fix(action[2]), *action[3:])
-    if action[0] in ("oneway", "cut"):
-        return (*action[:2], (fix(action[2][0]), fix(action[2][1])), *action[3:])
+    if action[0] in ("oneway", "cut", "slow"):
+        return (*action[:2], (fix(action[2][0]), fix(action[2][1]), *action[2][2:]), *action[3:])
     return action
 
 
@@ -140,6 +141,10 @@ def apply_action(sim: Sim, ids: list[str], action: tuple) -> None:
         a, b = action[2]
         if a != b:
             sim.block(ids[a], ids[b])
+    elif kind == "slow":
+        a, b, extra = action[2]
+        if a != b:
+            sim.slow[(ids[a], ids[b])] = extra
     elif kind == "cut":
         a, b = action[2]
         if a != b:
@@ -169,6 +174,8 @@ def apply_action(sim: Sim, ids: list[str], action: tuple) -> None:
             sim.start(ids[fault[2]])
         elif fault[0] in ("partition", "oneway", "cut"):
             sim.blocked.clear()
+        elif fault[0] == "slow":
+            sim.slow.clear()
         elif fault[0] == "lossy":
             sim.drop = sim.dup = 0.0
             sim.delay = (0.0005, 0.002)
