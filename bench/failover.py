@@ -9,9 +9,8 @@ Runs real ``celery-cluster node`` processes on loopback and prints a table.
   (``is_leader()`` became true there), both on the shared monotonic clock;
   the killed node is restarted and the cluster settles between trials.
 * handoff: ``POST /cluster/stepdown`` until the new leader's ``leader`` event.
-* heartbeat RTT, two views: (a) the transport's round trip for one peer at a
-  time - an AppendEntries through the same client class to a follower process,
-  sequentially; (b) the leader's own measurement while it broadcasts to 4 peers
+* heartbeat RTT, two views: (a) one peer at a time - an AppendEntries over a
+  kept-alive loopback connection to a follower process, sequentially; (b) the leader's own measurement while it broadcasts to 4 peers
   at N=5, read from ``/cluster/status`` (``heartbeat_rtt``): four concurrent
   requests on 2 cores also wait for each other and for the GIL.
 * idle CPU: utime+stime from ``/proc/PID/stat`` over 10 s, as % of one core.
@@ -208,22 +207,29 @@ def bench_idle(n: int, timeout: tuple[float, float], hb: float, seconds: float) 
 
 
 def bench_rtt_sequential(requests: int) -> list[float]:
-    from celery_cluster.http_client import _Connection
+    from celery_cluster.http_client import parse_response
     from celery_cluster.messages import AppendEntries, encode
 
     with ProcCluster(3, (1.0, 2.0), 0.1) as cl:
         leader = cl.leader(time.monotonic() + 30)
         follower = next(m for m in cl.members if m is not leader)
-        conn = _Connection(follower.address, 1.0)
+        host, port = follower.address.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # A heartbeat of an old term: handled in full, answered, changes nothing.
         body = json.dumps(encode(AppendEntries(0, leader.address, 1, (0, 0), None))).encode()
+        request = (f"POST /cluster/appendentries HTTP/1.1\r\nHost: {follower.address}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
         out = []
         for _ in range(requests):
             t0 = time.perf_counter()
-            status, _ = conn.post("/cluster/appendentries", body, {"Content-Type": "application/json"})
+            sock.sendall(request)
+            buf = b""
+            while (parsed := parse_response(buf)) is None:
+                buf += sock.recv(65536)
             out.append(time.perf_counter() - t0)
-            assert status == 200
-        conn.close()
+            assert parsed[0] == 200
+        sock.close()
         return out
 
 

@@ -1,22 +1,28 @@
-"""Sending messages to peers over HTTP: one keep-alive connection and one thread per peer.
+"""Sending messages to peers over HTTP: one keep-alive connection per peer, one I/O thread.
 
-Peers are independent: a slow or dead peer delays only its own queue, never
-the heartbeats to others (the seed waited for every peer each round). A newer
-heartbeat replaces an older one still waiting in a peer's queue, so a slow
-peer gets the latest round rather than a backlog.
+Peers are independent: every peer has its own connection and queue, and all
+sockets are non-blocking under one selector, so a slow, stopped or
+unreachable peer delays only its own messages, never the heartbeats to others
+(the seed waited for every peer each round). At most one request is in flight
+per peer; a newer heartbeat replaces an older one still queued, so a slow peer
+gets the latest round rather than a backlog.
 
-The connection is a minimal HTTP/1.1 keep-alive client over one socket with
-TCP_NODELAY, not a ``requests.Session``: requests re-reads proxy settings from
-the environment on every call and http.client parses headers with the email
-package; together they cost ~1 ms of CPU per heartbeat here, more than the
-whole round trip budget (see ``bench/failover.py``).
+One thread for all peers, rather than a thread each, because a heartbeat round
+is then one wake-up instead of two per peer: on 2 cores that halved the
+leader's idle CPU and its view of the round trip. The HTTP is minimal HTTP/1.1
+(POST with Content-Length, keep-alive, TCP_NODELAY), not ``requests``:
+requests re-reads proxy settings from the environment on every call, which
+alone cost more than a whole loopback round trip here (``bench/failover.py``).
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
+import os
+import selectors
 import socket
 import threading
 import time
@@ -29,6 +35,7 @@ from .messages import AppendEntries, Message, TimeoutNow, VoteRequest, decode, e
 log = logging.getLogger("celery_cluster.http")
 
 BASE_PATH = "/cluster"
+_MAX_RESPONSE = 1 << 20
 
 
 def endpoint_for(msg: Message) -> str:
@@ -41,121 +48,59 @@ def endpoint_for(msg: Message) -> str:
     raise TypeError(f"{type(msg).__name__} is a response, not a request")
 
 
-class _PeerSender:
-    def __init__(self, client: PeerClient, peer: str) -> None:
-        self.client = client
-        self.peer = peer
+def parse_response(buf: bytes) -> tuple[int, bytes, bool, int] | None:
+    """(status, body, close, bytes used) once ``buf`` holds a whole response, else None."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > 65536:
+            raise ConnectionError("response headers too long")
+        return None
+    lines = buf[:end].split(b"\r\n")
+    parts = lines[0].split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+        raise ConnectionError(f"bad status line {lines[0][:80]!r}")
+    length, close = 0, False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection" and value.strip().lower() == b"close":
+            close = True
+    if length > _MAX_RESPONSE:
+        raise ConnectionError("response too large")
+    total = end + 4 + length
+    if len(buf) < total:
+        return None
+    return int(parts[1]), bytes(buf[end + 4:total]), close, total
+
+
+class _Peer:
+    """One peer's queue and connection state (touched only by the I/O thread, or under the lock)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        host, _, port = address.rpartition(":")
+        self.sockaddr = (host.strip("[]"), int(port))
         self.queue: collections.deque[Message] = collections.deque()
-        self.cond = threading.Condition()
-        self.busy = False
-        self.closed = False
-        self.conn: _Connection | None = None
+        self.sock: socket.socket | None = None
+        self.connected = False
+        self.out = b""
+        self.inbuf = bytearray()
+        self.in_flight: Message | None = None
+        self.sent_at = 0.0
+        self.deadline = 0.0
         self.rtts: collections.deque[float] = collections.deque(maxlen=512)  # heartbeat round trips, s
-        self.thread = threading.Thread(target=self._run, name=f"celery-cluster-send-{peer}", daemon=True)
-        self.thread.start()
 
-    def put(self, msg: Message) -> None:
-        with self.cond:
-            if isinstance(msg, AppendEntries):
-                for i, queued in enumerate(self.queue):
-                    if isinstance(queued, AppendEntries):
-                        if msg.payload is None and queued.version == msg.version:
-                            msg = AppendEntries(msg.term, msg.leader, msg.round, msg.version, queued.payload)
-                        del self.queue[i]
-                        break
-            self.queue.append(msg)
-            self.cond.notify()
-
-    def flush(self, deadline: float, clock: Callable[[], float]) -> None:
-        with self.cond:
-            while (self.queue or self.busy) and not self.closed:
-                left = deadline - clock()
-                if left <= 0:
-                    return
-                self.cond.wait(left)
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.queue and not self.closed:
-                    self.cond.wait()
-                if self.closed:
-                    return
-                msg = self.queue.popleft()
-                self.busy = True
-            try:
-                sent = time.perf_counter()
-                reply = self._post(msg)
-                if isinstance(msg, AppendEntries) and msg.payload is None:
-                    self.rtts.append(time.perf_counter() - sent)
-                if reply is not None:
-                    self.client.on_response(reply)
-            except Exception as exc:  # noqa: BLE001 - peers come and go; Raft retries by design
-                log.debug("[cluster] %s to %s failed: %s", type(msg).__name__, self.peer, exc)
-                if self.conn is not None:
-                    self.conn.close()
-                    self.conn = None
-            finally:
-                with self.cond:
-                    self.busy = False
-                    self.cond.notify_all()
-        if self.conn is not None:
-            self.conn.close()
-
-    def _post(self, msg: Message) -> Message | None:
-        if self.conn is None:
-            self.conn = _Connection(self.peer, self.client.timeout)
-        reply = self.client.post(self.conn, self.peer, msg)
-        if self.conn.closed:  # the server closed it (after an error reply)
-            self.conn = None
-        return reply
-
-
-class _Connection:
-    """Just enough HTTP/1.1 for peer RPCs: POST with Content-Length, keep-alive."""
-
-    def __init__(self, peer: str, timeout: float) -> None:
-        host, _, port = peer.rpartition(":")
-        self.host = peer
-        self.sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.rfile = self.sock.makefile("rb")
-        self.closed = False
-
-    def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
-        head = [f"POST {path} HTTP/1.1", f"Host: {self.host}", f"Content-Length: {len(body)}"]
-        head += [f"{k}: {v}" for k, v in headers.items()]
-        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
-        status_line = self.rfile.readline(1024)
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise ConnectionError(f"bad status line {status_line[:80]!r}")
-        status = int(parts[1])
-        length, close = 0, False
-        for _ in range(100):
-            line = self.rfile.readline(8192)
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"connection" and value.strip().lower() == b"close":
-                close = True
-        data = self.rfile.read(length) if length else b""
-        if close:
-            self.close()
-        return status, data
-
-    def close(self) -> None:
-        self.closed = True
-        self.rfile.close()
-        self.sock.close()
+    def enqueue(self, msg: Message) -> None:
+        if isinstance(msg, AppendEntries):
+            for i, queued in enumerate(self.queue):
+                if isinstance(queued, AppendEntries):
+                    if msg.payload is None and queued.version == msg.version:
+                        msg = AppendEntries(msg.term, msg.leader, msg.round, msg.version, queued.payload)
+                    del self.queue[i]
+                    break
+        self.queue.append(msg)
 
 
 class PeerClient:
@@ -174,50 +119,235 @@ class PeerClient:
         self.timeout = timeout
         self.on_response = on_response
         self.signer = signer
-        self._clock = time.monotonic
-        self._senders = {p: _PeerSender(self, p) for p in peers}
+        self._peers = {p: _Peer(p) for p in peers}
+        self._lock = threading.Condition()
+        self._closed = False
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread: threading.Thread | None = None
+
+    # -- Transport ---------------------------------------------------------------
 
     def send(self, envelope: Envelope) -> None:
-        sender = self._senders.get(envelope.to)
-        if sender is not None:
-            sender.put(envelope.msg)
+        peer = self._peers.get(envelope.to)
+        if peer is None:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            peer.enqueue(envelope.msg)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="celery-cluster-send", daemon=True)
+                self._thread.start()
+        self._wake()
 
     def flush(self, timeout: float) -> None:
-        deadline = self._clock() + timeout
-        for s in self._senders.values():
-            s.flush(deadline, self._clock)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while any(p.queue or p.in_flight for p in self._peers.values()) and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._lock.wait(left)
 
     def close(self) -> None:
-        for s in self._senders.values():
-            s.close()
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(1.0)
 
     def heartbeat_rtts(self) -> dict[str, dict[str, float | int | None]]:
         """Per peer: p50/p99 of recent heartbeat round trips (ms), for status and the benchmark."""
         out: dict[str, dict[str, float | int | None]] = {}
-        for peer, sender in self._senders.items():
-            samples = sorted(sender.rtts)
+        for address, peer in self._peers.items():
+            samples = sorted(peer.rtts)
             n = len(samples)
-            out[peer] = {
+            out[address] = {
                 "samples": n,
                 "p50_ms": round(samples[n // 2] * 1000, 3) if n else None,
                 "p99_ms": round(samples[min(n - 1, (n * 99) // 100)] * 1000, 3) if n else None,
             }
         return out
 
-    def post(self, conn: _Connection, peer: str, msg: Message) -> Message | None:
+    # -- the I/O thread ---------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending (or we are closing)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._closed:
+                        break
+                    for peer in self._peers.values():
+                        if peer.in_flight is None and peer.queue:
+                            self._start_request(peer, peer.queue.popleft())
+                timeout = self._next_timeout()
+                for key, events in self._selector.select(timeout):
+                    if key.data is None:
+                        self._drain_wakeups()
+                    else:
+                        self._on_ready(key.data, events)
+                self._expire(time.monotonic())
+        finally:
+            for peer in self._peers.values():
+                self._disconnect(peer)
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _next_timeout(self) -> float | None:
+        deadlines = [p.deadline for p in self._peers.values() if p.in_flight is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _start_request(self, peer: _Peer, msg: Message) -> None:
         path = f"{BASE_PATH}/{endpoint_for(msg)}"
         body = json.dumps(encode(msg), separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json"}
+        headers = [f"POST {path} HTTP/1.1", f"Host: {peer.address}", "Content-Type: application/json",
+                   f"Content-Length: {len(body)}"]
         if self.signer is not None:
-            headers.update(self.signer.sign("POST", path, self.node_id, body))
-        status, data = conn.post(path, body, headers)
+            headers += [f"{k}: {v}" for k, v in self.signer.sign("POST", path, self.node_id, body).items()]
+        peer.out = ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + body
+        peer.in_flight = msg
+        peer.sent_at = time.perf_counter()
+        peer.deadline = time.monotonic() + self.timeout
+        if peer.sock is None:
+            self._connect(peer)
+        else:
+            self._write(peer)
+
+    def _connect(self, peer: _Peer) -> None:
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in peer.sockaddr[0] else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex(peer.sockaddr)
+        except OSError as exc:
+            self._fail(peer, exc)
+            return
+        peer.sock, peer.connected, peer.inbuf = sock, False, bytearray()
+        if err not in (0, errno.EINPROGRESS):
+            self._fail(peer, OSError(err, os.strerror(err)))
+            return
+        self._selector.register(sock, selectors.EVENT_WRITE, peer)
+
+    def _on_ready(self, peer: _Peer, events: int) -> None:
+        if peer.sock is None:
+            return
+        if not peer.connected and events & selectors.EVENT_WRITE:
+            err = peer.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._fail(peer, OSError(err, os.strerror(err)))
+                return
+            peer.connected = True
+            self._write(peer)
+            return
+        if events & selectors.EVENT_WRITE:
+            self._write(peer)
+        if events & selectors.EVENT_READ and peer.sock is not None:
+            self._read(peer)
+
+    def _write(self, peer: _Peer) -> None:
+        assert peer.sock is not None
+        peer.connected = True
+        try:
+            sent = peer.sock.send(peer.out)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._fail(peer, exc)
+            return
+        peer.out = peer.out[sent:]
+        self._selector.modify(peer.sock, selectors.EVENT_WRITE if peer.out else selectors.EVENT_READ, peer)
+
+    def _read(self, peer: _Peer) -> None:
+        assert peer.sock is not None
+        try:
+            data = peer.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(peer, exc)
+            return
+        if not data:
+            self._fail(peer, ConnectionError("connection closed by peer"))
+            return
+        peer.inbuf += data
+        try:
+            parsed = parse_response(bytes(peer.inbuf))
+        except (ConnectionError, ValueError) as exc:
+            self._fail(peer, exc)
+            return
+        if parsed is None:
+            return
+        status, body, close, used = parsed
+        del peer.inbuf[:used]
+        msg = peer.in_flight
+        if isinstance(msg, AppendEntries) and msg.payload is None:
+            peer.rtts.append(time.perf_counter() - peer.sent_at)
+        self._finish(peer)
+        if close:
+            self._disconnect(peer)
+        self._deliver(peer, status, body)
+
+    def _deliver(self, peer: _Peer, status: int, body: bytes) -> None:
         if status == 204:
-            return None
+            return
         if status != 200:
-            log.warning("[cluster] %s refused %s: HTTP %s %s", peer, path, status, data[:200])
-            return None
-        reply = decode(json.loads(data))
-        if reply.sender != peer:
-            log.warning("[cluster] %s answered as %s; ignoring", peer, reply.sender)
-            return None
-        return reply
+            log.warning("[cluster] %s refused a request: HTTP %s %s", peer.address, status, body[:200])
+            return
+        try:
+            reply = decode(json.loads(body))
+        except ValueError as exc:
+            log.warning("[cluster] %s sent a malformed reply: %s", peer.address, exc)
+            return
+        if reply.sender != peer.address:
+            log.warning("[cluster] %s answered as %s; ignoring", peer.address, reply.sender)
+            return
+        try:
+            self.on_response(reply)
+        except Exception:  # noqa: BLE001 - the I/O thread must survive anything the node does
+            log.exception("[cluster] error handling a reply from %s", peer.address)
+
+    def _expire(self, now: float) -> None:
+        for peer in self._peers.values():
+            if peer.in_flight is not None and now >= peer.deadline:
+                self._fail(peer, TimeoutError(f"no reply within {self.timeout:.3f} s"))
+
+    def _fail(self, peer: _Peer, exc: BaseException) -> None:
+        # Peers come and go; Raft retries by design. Drop the request and the connection.
+        if peer.in_flight is not None:
+            log.debug("[cluster] %s to %s failed: %s", type(peer.in_flight).__name__, peer.address, exc)
+        self._disconnect(peer)
+        self._finish(peer)
+
+    def _finish(self, peer: _Peer) -> None:
+        with self._lock:
+            peer.in_flight = None
+            peer.out = b""
+            self._lock.notify_all()
+
+    def _disconnect(self, peer: _Peer) -> None:
+        if peer.sock is not None:
+            try:
+                self._selector.unregister(peer.sock)
+            except (KeyError, ValueError):
+                pass
+            peer.sock.close()
+        peer.sock, peer.connected, peer.inbuf = None, False, bytearray()
