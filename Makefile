@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test sim bench-quick bench demo clean
+.PHONY: test sim bench-quick bench bench-dispatch demo clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ bench-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/failover.py
+
+## @leader_only dispatch latency against a plain task, on the local Redis.
+bench-dispatch: $(STAMP)
+	$(PY) bench/dispatch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
