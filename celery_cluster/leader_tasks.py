@@ -14,9 +14,11 @@ Contract:
   adds a router), which only the current leader consumes;
 * the task is ``acks_late`` with ``reject_on_worker_lost``, and its body runs
   only after a lease check in the executing process (prefork children read the
-  shared leader state); a non-leader that still receives one (prefetched before
-  step-down, or routed by hand) rejects it with requeue: it goes back to the
-  leader queue, never lost and never run by a follower;
+  shared leader state); a non-leader that still receives one goes back to the
+  leader queue, never lost and never run by a follower: prefetched from the
+  leader queue before a step-down, it is rejected with requeue; routed
+  elsewhere by hand, it is re-published to the leader queue (same task id)
+  and this copy acknowledged;
 * ``fencing_token()`` inside the body returns the term it runs under (for
   beat-sent tasks: the ``cluster_term`` header beat stamped on it).
 """
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from typing import Any, Callable, TypeVar
+import os
+from typing import Any, Callable, NoReturn, TypeVar
 
-from celery import Task, current_task
-from celery.exceptions import Reject
+from celery import Task, current_app, current_task
+from celery.exceptions import Ignore, Reject
 
 from . import leader_state
+from .settings import DEFAULT_LEADER_QUEUE
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,11 +46,33 @@ class NotLeaderReject(Reject):
     """Raised (and requeued) when a leader-only task reaches a worker that is not the leader."""
 
 
+def leader_queue_name(app: Any = None) -> str:
+    """The leader queue: ``CELERY_CLUSTER_LEADER_QUEUE`` (the worker step exports what it
+    resolved there), else the ``cluster_leader_queue`` setting, else the default."""
+    conf = (app or current_app).conf
+    return os.environ.get("CELERY_CLUSTER_LEADER_QUEUE") or conf.get("cluster_leader_queue") or DEFAULT_LEADER_QUEUE
+
+
+def _not_leader() -> NoReturn:
+    """Send the message back to the leader queue instead of running it here."""
+    task = current_task
+    request = getattr(task, "request", None)
+    queue = leader_queue_name(getattr(task, "app", None))
+    came_from = ((request.delivery_info or {}).get("routing_key") if request is not None else None)
+    if request is None or request.id is None or came_from == queue:
+        # Prefetched from the leader queue before a step-down: requeue it there.
+        raise NotLeaderReject("this worker is not the cluster leader; requeued for the leader", requeue=True)
+    # Routed elsewhere by hand: re-publish it to the leader queue, then ack this copy.
+    task.apply_async(args=request.args, kwargs=request.kwargs, task_id=request.id, queue=queue,
+                     headers={k: v for k, v in (request.headers or {}).items() if k.startswith("cluster_")})
+    raise Ignore()
+
+
 def _run_as_leader(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     state = leader_state.shared()
     term = state.current_term() if state is not None else None
     if term is None:
-        raise NotLeaderReject("this worker is not the cluster leader; requeued for the leader", requeue=True)
+        _not_leader()
     reset = _token.set(term)
     try:
         return fn(*args, **kwargs)
@@ -110,14 +136,14 @@ def fencing_token() -> int | None:
 
 
 class LeaderQueueRouter:
-    """Routes leader-only tasks to the leader queue (installed by ``install(app)``)."""
+    """Routes leader-only tasks to the leader queue (installed by ``install(app)``).
 
-    def __init__(self, app: Any, queue: str) -> None:
-        self.app = app
-        self.queue = queue
+    Holds no app: ``task_routes`` is pickled with the app for spawned pool
+    children, and an app reference here would make that pickle recursive.
+    """
 
     def __call__(self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> Any:
-        task = task if task is not None else self.app.tasks.get(name)
+        task = task if task is not None else current_app.tasks.get(name)
         if task is not None and is_leader_only(task):
-            return {"queue": self.queue}
+            return {"queue": leader_queue_name(getattr(task, "app", None))}
         return None
