@@ -32,7 +32,7 @@ from . import leader_state, signals
 from .beat import LeaderBeat
 from .cluster import Cluster
 from .errors import ClusterError
-from .leader_tasks import LeaderQueueRouter, is_leader_only, mark_task
+from .leader_tasks import LeaderQueueRouter, is_leader_only, leader_queue_name, mark_task
 from .settings import ClusterSettings, resolve, worker_options
 
 log = logging.getLogger("celery_cluster")
@@ -49,10 +49,8 @@ def install(app: Celery) -> None:
     app.steps["worker"].add(ClusterStep)
     for option in worker_options():
         app.user_options["worker"].add(option)
-    queue = str(os.environ.get("CELERY_CLUSTER_LEADER_QUEUE") or app.conf.get("cluster_leader_queue")
-                or "celery_cluster.leader")
     routes = app.conf.task_routes
-    router = LeaderQueueRouter(app, queue)
+    router = LeaderQueueRouter()
     if routes is None:
         app.conf.task_routes = (router,)
     elif isinstance(routes, (list, tuple)):
@@ -67,6 +65,14 @@ def _mark_leader_only_tasks(sender: Celery, **kwargs: Any) -> None:
     for task in list(sender.tasks.values()):
         if is_leader_only(task):
             mark_task(task)
+
+
+def _routed_leader_queue(app: Celery) -> str | None:
+    """The queue producers route leader-only tasks to (None if install() is not in effect)."""
+    routes = app.conf.task_routes
+    if not any(isinstance(r, LeaderQueueRouter) for r in (routes if isinstance(routes, (list, tuple)) else (routes,))):
+        return None
+    return leader_queue_name(app)
 
 
 class ClusterStep(bootsteps.StartStopStep):
@@ -91,6 +97,13 @@ class ClusterStep(bootsteps.StartStopStep):
         if not self.enabled:
             log.info("[cluster] no --cluster-nodes configured: leader election is off for this worker")
             return
+        routed = _routed_leader_queue(self.app)
+        if routed is not None and routed != self.settings.leader_queue:
+            # Producers route by app.conf/env; they never see this worker's command line.
+            raise ImproperlyConfigured(
+                f"celery-cluster: this worker would consume leader queue {self.settings.leader_queue!r} but "
+                f"producers route leader-only tasks to {routed!r}; set cluster_leader_queue in the app config "
+                "(or CELERY_CLUSTER_LEADER_QUEUE) so both agree, not --cluster-leader-queue alone")
         if options.get("beat") and self.settings.beat:
             raise ImproperlyConfigured("celery-cluster: -B/--beat runs a second scheduler next to the cluster's "
                                        "leader-only beat; drop -B (or set --cluster-beat no)")
@@ -108,6 +121,8 @@ class ClusterStep(bootsteps.StartStopStep):
             )
         except ClusterError as exc:
             raise ImproperlyConfigured(f"celery-cluster: {exc}") from None
+        # Pool children (forked or spawned) and this process's router use what we resolved.
+        os.environ["CELERY_CLUSTER_LEADER_QUEUE"] = self.settings.leader_queue
         state_dir = self.cluster.state_dir or tempfile.mkdtemp(prefix="celery-cluster-")
         self.leader_state = leader_state.LeaderState(os.path.join(state_dir, "leader.mmap"), create=True)
         os.environ[leader_state.ENV_VAR] = str(self.leader_state.path)  # before the pool starts children
