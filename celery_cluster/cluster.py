@@ -11,7 +11,7 @@ from flask import Blueprint, Flask
 
 from .auth import Signer, load_secret
 from .config import Timing, check_membership, default_state_dir, parse_address, parse_nodes, split_host_port
-from .errors import ConfigurationError
+from .errors import ClusterError, ConfigurationError
 from .http_client import PeerClient
 from .http_server import MAX_BODY, EmbeddedServer, make_blueprint
 from .messages import Version
@@ -94,6 +94,8 @@ class Cluster:
 
     def start(self) -> None:
         """Start the node (and the embedded server when ``listen`` was given)."""
+        if self.node.stopped:
+            raise ClusterError("this Cluster was stopped; create a new one to start again")
         if self.node.state_file is None:
             self.log.warning("[cluster] running WITHOUT persistence: after a restart this node may vote "
                              "twice in a term; pass state_dir= to keep the guarantee")

@@ -154,6 +154,10 @@ class Node:
                 t.join(timeout / 2)
         self.transport.close()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
     # -- inputs from the transport ----------------------------------------------
 
     def handle_request(self, msg: Message) -> Message | None:
@@ -300,6 +304,7 @@ class Node:
                                  reason=ev.reason, lease_until=ev.lease_until)
             if ev.had_lease:
                 self._callbacks.put(("follower", ev.term))
+            self._committed.notify_all()  # wait_committed() returns False at once, not at its timeout
         elif isinstance(ev, Committed):
             self._committed.notify_all()
 

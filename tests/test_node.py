@@ -637,3 +637,30 @@ def test_node_missing_from_its_node_list_is_refused(tmp_path: Path) -> None:
     me, a, b = addresses(3)
     with pytest.raises(ConfigurationError, match=me.replace(".", r"\.")):
         Cluster([a, b], listen=me, state_dir=tmp_path, **FAST)
+
+
+def test_wait_committed_returns_false_as_soon_as_leadership_is_lost(tmp_path: Path) -> None:
+    (me,) = addresses(1)
+    cl = Cluster([me], listen=me, state_dir=tmp_path / "a", election_timeout=(0.3, 0.6), heartbeat_interval=0.05)
+    cl.start()
+    try:
+        wait_for(cl.is_leader, timeout=5.0, what="the single node to lead")
+        version = cl.propose("x")
+        assert cl.wait_committed(version, 1.0)
+        # A version of this term that will never commit once we step down.
+        pending = (version[0], version[1] + 1)
+        t0 = time.monotonic()
+        threading.Timer(0.1, lambda: cl.node.retire()).start()
+        assert not cl.wait_committed(pending, 5.0)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        cl.stop()
+
+
+def test_a_stopped_cluster_cannot_be_started_again(tmp_path: Path) -> None:
+    (me,) = addresses(1)
+    cl = Cluster([me], listen=me, state_dir=tmp_path / "a")
+    cl.stop()
+    with pytest.raises(ClusterError, match="create a new one"):
+        cl.start()
+    assert not serves(me)
