@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -181,6 +182,7 @@ def apply_action(sim: Sim, ids: list[str], action: tuple) -> None:
             sim.delay = (0.0005, 0.002)
 
 
+@pytest.mark.timeout(max(300, int(EXAMPLES * 0.3)))  # make sim's 10,000 schedules take minutes
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(schedules())
