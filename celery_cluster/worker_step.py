@@ -26,6 +26,7 @@ import threading
 from typing import Any
 
 from celery import Celery, bootsteps
+import click
 from celery.exceptions import ImproperlyConfigured
 
 from . import leader_state, signals
@@ -36,6 +37,14 @@ from .leader_tasks import LeaderQueueRouter, is_leader_only, leader_queue_name, 
 from .settings import ClusterSettings, resolve, worker_options
 
 log = logging.getLogger("celery_cluster")
+
+
+class ClusterMisconfigured(ImproperlyConfigured, click.ClickException):
+    """Wrong cluster settings. Also a ClickException, so ``celery worker`` prints the
+    reason as one line and exits instead of dumping a traceback."""
+
+    def __init__(self, message: str) -> None:
+        click.ClickException.__init__(self, message)
 
 
 def install(app: Celery) -> None:
@@ -92,7 +101,7 @@ class ClusterStep(bootsteps.StartStopStep):
         try:
             self.settings: ClusterSettings | None = resolve(self.app.conf, options)
         except ClusterError as exc:
-            raise ImproperlyConfigured(f"celery-cluster: {exc}") from None
+            raise ClusterMisconfigured(f"celery-cluster: {exc}") from None
         self.enabled = self.settings is not None
         if not self.enabled:
             log.info("[cluster] no --cluster-nodes configured: leader election is off for this worker")
@@ -100,12 +109,12 @@ class ClusterStep(bootsteps.StartStopStep):
         routed = _routed_leader_queue(self.app)
         if routed is not None and routed != self.settings.leader_queue:
             # Producers route by app.conf/env; they never see this worker's command line.
-            raise ImproperlyConfigured(
+            raise ClusterMisconfigured(
                 f"celery-cluster: this worker would consume leader queue {self.settings.leader_queue!r} but "
                 f"producers route leader-only tasks to {routed!r}; set cluster_leader_queue in the app config "
                 "(or CELERY_CLUSTER_LEADER_QUEUE) so both agree, not --cluster-leader-queue alone")
         if options.get("beat") and self.settings.beat:
-            raise ImproperlyConfigured("celery-cluster: -B/--beat runs a second scheduler next to the cluster's "
+            raise ClusterMisconfigured("celery-cluster: -B/--beat runs a second scheduler next to the cluster's "
                                        "leader-only beat; drop -B (or set --cluster-beat no)")
         try:
             self.cluster = Cluster(
@@ -120,7 +129,7 @@ class ClusterStep(bootsteps.StartStopStep):
                 secret_file=self.settings.secret_file,
             )
         except ClusterError as exc:
-            raise ImproperlyConfigured(f"celery-cluster: {exc}") from None
+            raise ClusterMisconfigured(f"celery-cluster: {exc}") from None
         # Pool children (forked or spawned) and this process's router use what we resolved.
         os.environ["CELERY_CLUSTER_LEADER_QUEUE"] = self.settings.leader_queue
         state_dir = self.cluster.state_dir or tempfile.mkdtemp(prefix="celery-cluster-")
