@@ -89,6 +89,8 @@ class Cluster:
             raise
         self._server: EmbeddedServer | None = None
         self._bp: Blueprint | None = None
+        #: Extra fields for status() and GET /cluster/status (the Celery step adds beat and queue state).
+        self.status_extras: Callable[[], dict[str, Any]] | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -146,6 +148,8 @@ class Cluster:
         rtts = self.client.heartbeat_rtts()
         for peer in status["nodes"]:
             peer["heartbeat_rtt"] = rtts.get(peer["address"])
+        if self.status_extras is not None:
+            status.update(self.status_extras())
         return status
 
     def stepdown(self, to: str | None = None) -> str:

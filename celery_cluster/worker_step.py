@@ -130,6 +130,7 @@ class ClusterStep(bootsteps.StartStopStep):
             )
         except ClusterError as exc:
             raise ClusterMisconfigured(f"celery-cluster: {exc}") from None
+        self.cluster.status_extras = self._status_extras
         # Pool children (forked or spawned) and this process's router use what we resolved.
         os.environ["CELERY_CLUSTER_LEADER_QUEUE"] = self.settings.leader_queue
         state_dir = self.cluster.state_dir or tempfile.mkdtemp(prefix="celery-cluster-")
@@ -232,16 +233,23 @@ class ClusterStep(bootsteps.StartStopStep):
     def _shutdown(self) -> None:
         self._stop_publisher.set()
         with self._lock:
-            self.leading_term = None
+            was, self.leading_term = self.leading_term, None
             self._stop_beat()
             self.leader_state.clear()
+        if was is not None:  # the follower callback may not have run yet: never miss the signal
+            signals.leadership_lost.send(sender=self.worker.hostname, term=was)
         if self.cluster is not None:
             self.cluster.stop(transfer=True)
 
+    def _status_extras(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker.hostname,
+            "beat_running": bool(self.beat and self.beat.running),
+            "leader_queue": self.settings.leader_queue if self.settings else None,
+            "leader_queue_consumed": self.consuming_leader_queue,
+        }
+
     def status(self) -> dict[str, Any]:
+        """The cluster status plus beat and leader-queue state (also on GET /cluster/status)."""
         assert self.cluster is not None
-        st = self.cluster.status()
-        st["beat_running"] = bool(self.beat and self.beat.running)
-        st["leader_queue"] = self.settings.leader_queue if self.settings else None
-        st["leader_queue_consumed"] = self.consuming_leader_queue
-        return st
+        return self.cluster.status()

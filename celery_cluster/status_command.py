@@ -1,0 +1,184 @@
+"""``celery -A proj cluster status``: every worker's view of the cluster, as a table.
+
+Registered as a ``celery`` subcommand through the ``celery.commands`` entry
+point (``pyproject.toml``), which ``celery/bin/celery.py`` loads with
+``click_plugins.with_plugins``. It broadcasts the remote-control inspect
+command ``cluster_status`` (``celery_cluster.remote_control``) and prints one
+row per answering worker::
+
+    NODE                                 ROLE      TERM  LEADER           LAST CONTACT (ms)  BEAT  LEADER QUEUE
+    celery@a (127.0.0.1:9001)            leader    3     127.0.0.1:9001   -                  yes   yes
+    celery@b (127.0.0.1:9002)            follower  3     127.0.0.1:9001   12.5               no    no
+    - (127.0.0.1:9003)                   no reply  -     -                4021.0             -     -
+    celery@c                             off       -     -                -                  -     -
+
+* LAST CONTACT: milliseconds since the leader last heard from that node (the
+  leader's per-peer ``nodes`` list); ``-`` for the leader itself or when no
+  answering worker leads that node's cluster.
+* ``no reply``: a cluster member the answering workers know about but no
+  worker answered for (down, or not running this app).
+* ``off``: the worker runs without ``--cluster-nodes`` (it answers
+  ``{"enabled": false}``); ``error``: the worker could not answer (for example
+  it never imported ``celery_cluster``).
+
+``--json`` prints the raw replies (``{worker: status}``). No reply at all within
+``--timeout`` exits with status 1.
+"""
+
+from __future__ import annotations
+
+import json as _json
+from typing import Any, Iterable, Mapping
+
+import click
+from celery.bin.base import (COMMA_SEPARATED_LIST, CeleryCommand, CeleryOption, handle_preload_options,
+                             handle_remote_command_error)
+from celery.exceptions import CeleryCommandException
+
+INSPECT_COMMAND = "cluster_status"
+EXIT_NO_REPLY = 1
+
+HEADERS = ("NODE", "ROLE", "TERM", "LEADER", "LAST CONTACT (ms)", "BEAT", "LEADER QUEUE")
+
+
+def request_status(app: Any, timeout: float = 1.0, destination: list[str] | None = None) -> dict[str, Any]:
+    """``{worker name: cluster_status reply}`` from every worker that answered within ``timeout``."""
+    replies = app.control.inspect(timeout=timeout, destination=destination)._request(INSPECT_COMMAND)
+    return dict(replies or {})
+
+
+def _fmt_ms(value: Any) -> str:
+    if value is None:
+        return "-"
+    try:
+        return f"{float(value):.1f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _yes_no(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def _leader_views(replies: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Cluster address -> the status reported by the worker that leads with that address."""
+    views: dict[str, dict[str, Any]] = {}
+    for reply in replies.values():
+        if isinstance(reply, dict) and reply.get("enabled") and reply.get("is_leader") and reply.get("id"):
+            views[str(reply["id"])] = reply
+    return views
+
+
+def _contact_from_leader(leaders: Mapping[str, dict[str, Any]], address: str, leader_id: Any) -> Any:
+    """ms since the leader (``leader_id``, or any answering leader that lists ``address``) heard from it."""
+    candidates: Iterable[dict[str, Any]]
+    if leader_id is not None and str(leader_id) in leaders:
+        candidates = [leaders[str(leader_id)]]
+    else:
+        candidates = leaders.values()
+    for leader in candidates:
+        for peer in leader.get("nodes") or ():
+            if isinstance(peer, dict) and peer.get("address") == address:
+                return peer.get("last_contact_ms")
+    return None
+
+
+def build_rows(replies: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """The table rows (without the header) for the replies of ``request_status``."""
+    leaders = _leader_views(replies)
+    answered: set[str] = set()
+    known: set[str] = set()
+    cluster_rows: list[tuple[tuple[Any, ...], tuple[str, ...]]] = []
+    other_rows: list[tuple[tuple[Any, ...], tuple[str, ...]]] = []
+    for worker, reply in replies.items():
+        if not isinstance(reply, dict) or "error" in reply or "enabled" not in reply:
+            other_rows.append(((1, worker), (worker, "error", "-", "-", "-", "-", "-")))
+            continue
+        if not reply.get("enabled"):
+            other_rows.append(((0, worker), (worker, "off", "-", "-", "-", "-", "-")))
+            continue
+        address = str(reply.get("id") or "?")
+        answered.add(address)
+        known.update(str(p.get("address")) for p in reply.get("nodes") or () if isinstance(p, dict))
+        role = str(reply.get("state") or "?")
+        if role == "leader" and not reply.get("is_leader"):
+            role = "leader (no lease)"
+        if reply.get("is_leader"):
+            contact = None  # the leader itself
+        else:
+            contact = _contact_from_leader(leaders, address, reply.get("leader_id"))
+        cluster_rows.append(((address, worker), (
+            f"{worker} ({address})",
+            role,
+            str(reply.get("term", "-")),
+            str(reply.get("leader_id") or "-"),
+            _fmt_ms(contact),
+            _yes_no(reply.get("beat_running")),
+            _yes_no(reply.get("leader_queue_consumed")),
+        )))
+    for address in sorted(known - answered):
+        contact = _contact_from_leader(leaders, address, None)
+        cluster_rows.append(((address, ""), (f"- ({address})", "no reply", "-", "-", _fmt_ms(contact), "-", "-")))
+    cluster_rows.sort(key=lambda r: r[0])
+    other_rows.sort(key=lambda r: r[0])
+    return [row for _, row in cluster_rows] + [row for _, row in other_rows]
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEADERS)]
+    lines = []
+    for row in (HEADERS, *rows):
+        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    return "\n".join(lines)
+
+
+def summary(replies: Mapping[str, Any]) -> str:
+    leaders = _leader_views(replies)
+    n = len(replies)
+    head = f"{n} worker{'s' if n != 1 else ''} replied"
+    if not leaders:
+        enabled = any(isinstance(r, dict) and r.get("enabled") for r in replies.values())
+        return head + ("; no leader among them" if enabled else "; leader election is off on all of them")
+    names = {str(r.get("id")): w for w, r in replies.items() if isinstance(r, dict) and r.get("id")}
+    parts = [f"{names.get(addr, '?')} ({addr}), term {view.get('term')}" for addr, view in sorted(leaders.items())]
+    return f"{head}; leader: " + "; ".join(parts)
+
+
+@click.group(name="cluster")
+@click.pass_context
+def cluster(ctx: click.Context, **kwargs: Any) -> None:
+    """celery-cluster: leader election among the workers (see `cluster status`)."""
+
+
+@cluster.command(name="status", cls=CeleryCommand)
+@click.option("-t", "--timeout", cls=CeleryOption, type=float, default=1.0, show_default=True,
+              help_group="Remote Control Options", help="Seconds to wait for the workers' replies.")
+@click.option("-d", "--destination", cls=CeleryOption, type=COMMA_SEPARATED_LIST,
+              help_group="Remote Control Options", help="Comma separated list of worker names to ask.")
+@click.option("-j", "--json", "as_json", cls=CeleryOption, is_flag=True,
+              help_group="Remote Control Options", help="Print the raw replies as JSON.")
+@click.pass_context
+@handle_preload_options
+def status(ctx: click.Context, timeout: float, destination: list[str] | None, as_json: bool,
+           **kwargs: Any) -> None:
+    """Ask every worker for its cluster status (inspect `cluster_status`) and print a table."""
+    app = ctx.obj.app
+    try:
+        replies = request_status(app, timeout=timeout, destination=destination)
+    except Exception as exc:  # noqa: BLE001 - broker errors become a clean CLI error
+        handle_remote_command_error("cluster status", exc)
+    if not replies:
+        raise CeleryCommandException(
+            message=f"No workers replied to `{INSPECT_COMMAND}` within {timeout:g}s "
+                    "(are workers of this app running, on this broker?)",
+            exit_code=EXIT_NO_REPLY,
+        )
+    if as_json:
+        ctx.obj.echo(_json.dumps(replies, indent=2, sort_keys=True, default=str))
+        return
+    ctx.obj.echo(format_table(build_rows(replies)))
+    if not ctx.obj.quiet:
+        ctx.obj.echo("\n" + summary(replies))
+
+
+__all__ = ["cluster", "status", "request_status", "build_rows", "format_table", "summary"]
