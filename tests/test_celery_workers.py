@@ -574,3 +574,27 @@ def test_worker_without_cluster_nodes_starts_with_election_off(clusters: Any) ->
     poll(lambda: [r for r in c.records("plain") if r["i"] == 7], 15, "a plain task on the unclustered worker")
     view = c.inspect_cluster_status()
     assert view == {w.nodename: {"enabled": False}}, view
+
+
+def test_leader_only_under_prefork_spawn(clusters: Any) -> None:
+    """Pool children started with `spawn` (fresh interpreters) see leadership too, across a failover."""
+    c = clusters("redis", extra_args=["--pool-start-method", "spawn"])
+    c.start()
+    leader, term = c.wait_leader()
+    lead = c.app().tasks["tests.celery_app.lead"]
+    for i in range(10):
+        lead.delay(i)
+    poll(lambda: set(range(10)) <= {r["i"] for r in c.records("lead")}, 60, "leader-only tasks under spawn")
+    leader.send(signal.SIGKILL)
+    _, new_term = c.wait_leader(min_term=term + 1, exclude=[leader.name])
+    for i in range(100, 110):
+        lead.delay(i)
+    poll(lambda: set(range(100, 110)) <= {r["i"] for r in c.records("lead")}, 60,
+         "leader-only tasks under spawn after a failover")
+    runs = c.records("lead")
+    counts = Counter(r["i"] for r in runs)
+    assert all(n == 1 for n in counts.values()), counts
+    for r in runs:
+        assert r["token"] == r["term"], r
+    assert {r["token"] for r in runs if r["i"] < 10} == {term}
+    assert {r["token"] for r in runs if r["i"] >= 100} == {new_term} and new_term > term
