@@ -20,14 +20,14 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from celery import Celery
-from celery import _state as celery_state
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import ImproperlyConfigured
 
@@ -35,36 +35,22 @@ from celery_cluster import LeaderOnlyTask, fencing_token, install, leader_only
 from celery_cluster import leader_state, signals
 from celery_cluster.errors import ConfigurationError
 from celery_cluster.settings import DEFAULT_LEADER_QUEUE, resolve
+from tests import support
+from tests.support import HOST, RedisDB, claim_redis_db, free_port, isolated_celery_state
 
 pytestmark = pytest.mark.timeout(90)
 
-HOST = "127.0.0.1"
 CLAIM_KEY = "cc-test-claim"
 # Elections well inside a second, but a lease (~0.45 s) that survives a busy 2-core CI box.
 FAST = {"cluster_election_timeout": "0.5-1.0", "cluster_heartbeat_interval": "0.05"}
 DEADLINE = 20.0
 
-T = TypeVar("T")
-
 
 # -- helpers ---------------------------------------------------------------------
 
 
-def wait_for(pred: Callable[[], T], what: str, timeout: float = DEADLINE, interval: float = 0.02) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+#: ``wait_for(pred, what, timeout=DEADLINE)``: poll every 20 ms until ``pred`` is truthy (returned).
+wait_for = partial(support.wait_for, timeout=DEADLINE, interval=0.02, timeout_format="{:.0f}s")
 
 
 def port_is_free(port: int) -> bool:
@@ -82,45 +68,6 @@ def cluster_threads() -> list[str]:
 
 def beat_threads() -> list[str]:
     return [n for n in cluster_threads() if n.startswith("celery-cluster-beat-")]
-
-
-class RedisDB:
-    """A Redis database of our own: ``url`` for the broker, ``client`` to look inside."""
-
-    def __init__(self, db: int, client: Any, run_id: str) -> None:
-        self.db, self.client, self.run_id = db, client, run_id
-        self.url = f"redis://{HOST}:6379/{db}"
-
-    def llen(self, queue: str) -> int:
-        return int(self.client.llen(queue))
-
-
-@contextmanager
-def claim_redis_db(candidates: range = range(15, 0, -1)) -> Iterator[RedisDB]:
-    import redis
-
-    run_id = uuid.uuid4().hex
-    for db in candidates:
-        client = redis.Redis(host=HOST, port=6379, db=db, socket_timeout=5)
-        try:
-            claimed = client.dbsize() == 0 and client.set(CLAIM_KEY, run_id, nx=True)
-            if claimed and client.dbsize() != 1:  # someone else raced us into this database
-                client.delete(CLAIM_KEY)
-                claimed = False
-        except redis.exceptions.ConnectionError as exc:
-            client.close()
-            pytest.fail(f"these tests need Redis at {HOST}:6379 (CI starts one): {exc}")
-        if not claimed:
-            client.close()
-            continue
-        try:
-            yield RedisDB(db, client, run_id)
-        finally:
-            if client.get(CLAIM_KEY) == run_id.encode():
-                client.flushdb()
-            client.close()
-        return
-    pytest.fail("no empty Redis database left on 127.0.0.1:6379 for this test")
 
 
 def make_app(broker: str, **conf: Any) -> Celery:
@@ -183,27 +130,13 @@ def wait_leader(app: Celery, worker: Any) -> dict[str, Any]:
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No CELERY_CLUSTER_* from outside, and none of the ones the step exports leaks out."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("CELERY_CLUSTER_")}
-    for key in saved:
-        del os.environ[key]
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(leader_state, "_shared", None)
-    # start_worker makes the test's app the default and current app: put the previous ones back
-    default_app, current_app = celery_state.default_app, getattr(celery_state._tls, "current_app", None)
-    try:
+    with isolated_celery_state(monkeypatch, tmp_path):
         yield
-    finally:
-        for key in [k for k in os.environ if k.startswith("CELERY_CLUSTER_")]:
-            del os.environ[key]
-        os.environ.update(saved)
-        celery_state.set_default_app(default_app)
-        celery_state._set_current_app(current_app)
 
 
 @pytest.fixture()
 def redis_db() -> Iterator[RedisDB]:
-    with claim_redis_db() as db:
+    with claim_redis_db(CLAIM_KEY) as db:
         yield db
 
 

@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -19,11 +20,13 @@ import pytest
 from flask import Flask
 from werkzeug.serving import make_server
 
-from celery_cluster import Cluster, TransferError
+from celery_cluster import Cluster
 from celery_cluster.auth import Signer
 from celery_cluster.http_server import MAX_BODY, _KeepAliveHandler
 from celery_cluster.messages import MAX_NUMBER, HardState
 from celery_cluster.state_file import StateFile
+from tests import support
+from tests.support import addresses, hand_over, stop_all, the_leader
 
 SECRET = "correct horse battery staple"
 FAST: dict[str, Any] = {"election_timeout": (0.3, 0.6), "heartbeat_interval": 0.05}
@@ -38,57 +41,12 @@ INITIAL = HardState(term=5, voted_for=None, payload_version=(5, 1), payload="ini
 # -- helpers -----------------------------------------------------------------------------
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    """Poll ``pred`` until it returns something truthy (returned) or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or pred}")
-        time.sleep(0.005)  # polling interval, not synchronisation
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def addresses(n: int) -> list[str]:
-    return [f"127.0.0.1:{p}" for p in free_ports(n)]
+#: ``wait_for(pred, timeout=5.0, what="")``: poll every 5 ms until ``pred`` is truthy (returned).
+wait_for = partial(support.wait_for, timeout=5.0, interval=0.005, timeout_format="{} s")
 
 
 def port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
-
-
-def hand_over(cl: Cluster, to: str) -> str:
-    """``cl.stepdown(to=to)`` once ``to`` counts as reachable: right after an election the
-    leader may not have had its first heartbeat answer from every follower yet."""
-    def attempt() -> str | None:
-        try:
-            return cl.stepdown(to=to)
-        except TransferError as exc:
-            if "not a reachable peer" not in str(exc):
-                raise
-            return None
-
-    return wait_for(attempt, timeout=2.0, what=f"{to} to be reachable from {cl.id}")
-
-
-def stop_all(cls: list[Cluster]) -> None:
-    stoppers = [threading.Thread(target=cl.stop, kwargs={"transfer": False, "timeout": 0.2}) for cl in cls]
-    for t in stoppers:
-        t.start()
-    for t in stoppers:
-        t.join(10)
 
 
 def base_message(endpoint: str, sender: str) -> dict[str, Any]:
@@ -565,10 +523,7 @@ def test_three_nodes_with_a_shared_secret_elect_a_leader(tmp_path: Path) -> None
         good, odd = cls[:2], cls[2]
 
         def agreed() -> Cluster | None:
-            leaders = [cl for cl in cls if cl.is_leader()]
-            if len(leaders) == 1 and all(cl.status()["leader_id"] == leaders[0].id for cl in good):
-                return leaders[0]
-            return None
+            return the_leader(cls, good)
 
         leader = wait_for(agreed, what="a leader among the two nodes sharing the secret")
         assert leader in good
@@ -774,10 +729,7 @@ def test_a_node_served_by_the_users_app_takes_part_in_elections(tmp_path: Path) 
             cl.start()
 
         def agreed() -> Cluster | None:
-            leaders = [cl for cl in cls if cl.is_leader()]
-            if len(leaders) == 1 and all(cl.status()["leader_id"] == leaders[0].id for cl in cls):
-                return leaders[0]
-            return None
+            return the_leader(cls)
 
         leader = wait_for(agreed, what="one leader all three agree on")
         if leader is not mounted:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import socket
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,6 +29,8 @@ from celery_cluster import (
 )
 from celery_cluster.messages import HardState
 from celery_cluster.state_file import StateFile
+from tests import support
+from tests.support import addresses, hand_over, stop_all, the_leader
 
 FAST: dict[str, Any] = {"election_timeout": (0.3, 0.6), "heartbeat_interval": 0.05}
 ELECTION_THREAD = "celery-cluster-election"
@@ -37,16 +39,8 @@ ELECTION_THREAD = "celery-cluster-election"
 # -- helpers -----------------------------------------------------------------------
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    """Poll ``pred`` until it returns something truthy (returned) or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or pred}")
-        time.sleep(0.005)  # polling interval, not synchronisation
+#: ``wait_for(pred, timeout=5.0, what="")``: poll every 5 ms until ``pred`` is truthy (returned).
+wait_for = partial(support.wait_for, timeout=5.0, interval=0.005, timeout_format="{} s")
 
 
 def stays(pred: Callable[[], Any], duration: float, what: str = "") -> None:
@@ -56,21 +50,6 @@ def stays(pred: Callable[[], Any], duration: float, what: str = "") -> None:
         assert pred(), f"no longer true: {what or pred}"
         time.sleep(0.005)
     assert pred(), f"no longer true: {what or pred}"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def addresses(n: int) -> list[str]:
-    return [f"127.0.0.1:{p}" for p in free_ports(n)]
 
 
 def serves(address: str) -> bool:
@@ -86,20 +65,6 @@ def serves(address: str) -> bool:
         return False
     finally:
         conn.close()
-
-
-def hand_over(cl: Cluster, to: str) -> str:
-    """``cl.stepdown(to=to)`` once ``to`` counts as reachable: right after an election the
-    leader may not have had its first heartbeat answer from every follower yet."""
-    def attempt() -> str | None:
-        try:
-            return cl.stepdown(to=to)
-        except TransferError as exc:
-            if "not a reachable peer" not in str(exc):
-                raise
-            return None
-
-    return wait_for(attempt, timeout=2.0, what=f"{to} to be reachable from {cl.id}")
 
 
 def threads_named(prefix: str) -> list[threading.Thread]:
@@ -154,29 +119,9 @@ def clusters(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     stop_all(made)
 
 
-def stop_all(cls: list[Cluster]) -> None:
-    """Stop clusters concurrently (each server's shutdown waits for its poll interval)."""
-    stoppers = [threading.Thread(target=cl.stop, kwargs={"transfer": False, "timeout": 0.2}) for cl in cls]
-    for t in stoppers:
-        t.start()
-    for t in stoppers:
-        t.join(10)
-
-
 def start_all(cls: list[Cluster]) -> None:
     for cl in cls:
         cl.start()
-
-
-def the_leader(cls: list[Cluster]) -> Cluster | None:
-    """The one leader every running member agrees on, or None."""
-    leaders = [cl for cl in cls if cl.is_leader()]
-    if len(leaders) != 1:
-        return None
-    leader = leaders[0]
-    if all(cl.status()["leader_id"] == leader.id for cl in cls):
-        return leader
-    return None
 
 
 def three_node_cluster(clusters: Callable[..., Cluster], **kwargs: Any) -> list[Cluster]:

@@ -12,14 +12,12 @@ All processes share one machine, so ``time.monotonic()`` is one clock for all of
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import http.client
 import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,10 +30,10 @@ import pytest
 from celery_cluster.auth import Signer
 from celery_cluster.messages import AppendEntries, VoteRequest, encode
 from celery_cluster.state_file import StateFile
+from tests.support import HOST, die_with_parent, free_ports
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(60)]
 
-HOST = "127.0.0.1"
 MIN_TIMEOUT, MAX_TIMEOUT = 0.5, 1.0
 HEARTBEAT = 0.05
 STARTUP_DEADLINE = 15.0  # interpreter start + imports, several at once on 2 cores
@@ -48,27 +46,6 @@ Sweep = dict[str, Status]
 def _cli() -> list[str]:
     script = Path(sys.executable).with_name("celery-cluster")
     return [str(script)] if script.exists() else [sys.executable, "-m", "celery_cluster"]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    # If pytest itself is SIGKILLed, no node outlives it.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _child_env(tmp: Path) -> dict[str, str]:
@@ -147,7 +124,7 @@ class Harness:
     def start_cluster(self, n: int, extra: Sequence[str] = ()) -> tuple[list[Member], float]:
         """Start ``n`` nodes; return them and the monotonic time at which all answered."""
         for _attempt in range(3):
-            ports = _free_ports(n)
+            ports = free_ports(n)
             addrs = [f"{HOST}:{p}" for p in ports]
             group = []
             for addr in addrs:
@@ -172,7 +149,7 @@ class Harness:
         log, err = self.tmp / f"{name}.{i}.log", self.tmp / f"{name}.{i}.err"
         with open(log, "wb") as out, open(err, "wb") as errf:
             proc = subprocess.Popen([*_cli(), *m.args], stdin=subprocess.DEVNULL, stdout=out, stderr=errf,
-                                    env=self.env, preexec_fn=_die_with_parent)
+                                    env=self.env, preexec_fn=die_with_parent)
         m.runs.append(Run(proc, log, err))
         m.stopped = False
 
@@ -538,7 +515,7 @@ def test_sigterm_leader_exits_zero_and_hands_over(harness: Harness) -> None:
 
 
 def test_bad_arguments_exit_2_with_one_line(harness: Harness) -> None:
-    a, b, c = (f"{HOST}:{p}" for p in _free_ports(3))
+    a, b, c = (f"{HOST}:{p}" for p in free_ports(3))
     common = ["--state-dir", str(harness.tmp / "bad"), "--election-timeout", "0.5-1.0",
               "--heartbeat-interval", "0.05"]
     cases = {
@@ -556,7 +533,7 @@ def test_bad_arguments_exit_2_with_one_line(harness: Harness) -> None:
     for name, args in cases.items():
         p = subprocess.Popen([*_cli(), "node", *args, *common], stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=harness.env,
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=die_with_parent)
         harness.others.append(p)
         procs[name] = p
     for name, p in procs.items():

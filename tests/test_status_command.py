@@ -13,35 +13,32 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from celery import _state as celery_state
 from celery.contrib.testing.worker import start_worker
 from click.testing import CliRunner
 
-from celery_cluster import leader_state, status_command
+from celery_cluster import status_command
 from celery_cluster.status_command import build_rows, format_table, summary
+from tests import support
+from tests.support import HOST, claim_redis_db, free_port, isolated_celery_state
 
 pytestmark = pytest.mark.timeout(120)
 
-HOST = "127.0.0.1"
 CLAIM_KEY = "cc-test-claim"
 FAST = {"cluster_election_timeout": "0.5-1.0", "cluster_heartbeat_interval": "0.05"}
 CELERY = Path(sys.executable).with_name("celery")
-
-T = TypeVar("T")
 
 APP_MODULE = textwrap.dedent("""
     import os
@@ -58,76 +55,21 @@ APP_MODULE = textwrap.dedent("""
 # -- helpers -------------------------------------------------------------------------
 
 
-def wait_for(pred: Callable[[], T], what: str, timeout: float = 20.0, interval: float = 0.02) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+#: ``wait_for(pred, what, timeout=20.0)``: poll every 20 ms until ``pred`` is truthy (returned).
+wait_for = partial(support.wait_for, timeout=20.0, interval=0.02, timeout_format="{:.0f}s")
 
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No CELERY_CLUSTER_* from outside, and none of the ones the step exports leaks out."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("CELERY_CLUSTER_")}
-    for key in saved:
-        del os.environ[key]
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(leader_state, "_shared", None)
-    # start_worker makes the test's app the default and current app: put the previous ones back
-    default_app, current_app = celery_state.default_app, getattr(celery_state._tls, "current_app", None)
-    try:
+    with isolated_celery_state(monkeypatch, tmp_path):
         yield
-    finally:
-        for key in [k for k in os.environ if k.startswith("CELERY_CLUSTER_")]:
-            del os.environ[key]
-        os.environ.update(saved)
-        celery_state.set_default_app(default_app)
-        celery_state._set_current_app(current_app)
-
-
-@contextmanager
-def claim_redis_db(candidates: range = range(15, 0, -1)) -> Iterator[str]:
-    """The URL of an empty Redis database, ours until the end (then flushed)."""
-    import redis
-
-    run_id = uuid.uuid4().hex
-    for db in candidates:
-        client = redis.Redis(host=HOST, port=6379, db=db, socket_timeout=5)
-        try:
-            claimed = client.dbsize() == 0 and client.set(CLAIM_KEY, run_id, nx=True)
-            if claimed and client.dbsize() != 1:  # someone else raced us into this database
-                client.delete(CLAIM_KEY)
-                claimed = False
-        except redis.exceptions.ConnectionError as exc:
-            client.close()
-            pytest.fail(f"these tests need Redis at {HOST}:6379 (CI starts one): {exc}")
-        if not claimed:
-            client.close()
-            continue
-        try:
-            yield f"redis://{HOST}:6379/{db}"
-        finally:
-            if client.get(CLAIM_KEY) == run_id.encode():
-                client.flushdb()
-            client.close()
-        return
-    pytest.fail("no empty Redis database left on 127.0.0.1:6379 for this test")
 
 
 @pytest.fixture()
 def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Any]]:
     """(module name, app): an importable app module in tmp_path, on a Redis database of our own."""
-    with claim_redis_db() as url:
+    with claim_redis_db(CLAIM_KEY) as db:
+        url = db.url
         name = f"cc_status_app_{uuid.uuid4().hex[:8]}"
         (tmp_path / f"{name}.py").write_text(APP_MODULE)
         monkeypatch.setenv("CC_STATUS_TEST_BROKER", url)

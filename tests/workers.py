@@ -11,14 +11,12 @@ and the JSON-lines record file the test app appends to (see ``tests/celery_app``
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-HOST = "127.0.0.1"
+from tests.support import HOST, die_with_parent, free_ports, wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 MIN_TIMEOUT, MAX_TIMEOUT = 0.5, 1.0
 HEARTBEAT = 0.05
@@ -49,36 +48,9 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = POLL) -> Any:
     """Call ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
+    return wait_for(predicate, what, timeout=timeout, interval=interval, timeout_format="{:.1f}s")
 
 
 def http_status(port: int, timeout: float = 0.5) -> Status | None:
@@ -257,7 +229,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
              "--dir", str(self.dir), "--dbfilename", "dump.rdb", "--protected-mode", "no"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
         )
         log.close()
         poll(self.ping, 10.0, f"redis-server on port {self.port}")
@@ -341,7 +313,7 @@ class Worker:
         with open(log, "wb") as out:
             proc = subprocess.Popen([*self.argv(), *extra_args], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent)
         run = Incarnation(proc, log, time.time())
         self.runs.append(run)
         return run
