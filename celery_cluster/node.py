@@ -369,4 +369,4 @@ def _compact_json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-__all__ = ["Node", "Leadership", "Transport", "ClusterError"]
+__all__ = ["Node", "Leadership", "Transport", "NodeStopped"]
