@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,16 +24,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=300, help="tasks of each kind")
@@ -43,6 +32,7 @@ def main() -> None:
     os.environ.setdefault("BENCH_QUEUE", f"bench-{os.getpid()}")
     os.environ.setdefault("CELERY_CLUSTER_LEADER_QUEUE", f"bench-leader-{os.getpid()}")
     import dispatch_app  # noqa: E402 - after the environment is set
+    from failover import free_ports, pct
 
     r = dispatch_app._redis
     r.delete("bench:started")
@@ -89,10 +79,6 @@ def main() -> None:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-
-    def pct(v: list[float], q: float) -> float:
-        s = sorted(v)
-        return s[min(len(s) - 1, int(len(s) * q / 100))]
 
     print("| task | n | p50 ms | p99 ms |")
     print("|---|---|---|---|")
