@@ -25,8 +25,8 @@ import tempfile
 import threading
 from typing import Any
 
-from celery import Celery, bootsteps
 import click
+from celery import Celery, bootsteps
 from celery.exceptions import ImproperlyConfigured
 
 from . import leader_state, signals

@@ -1,0 +1,117 @@
+"""beat.py on its own: seeding from the replicated payload, commit before publish, lease re-check.
+
+A unit test of one module, so the cluster is a stub; the real-worker tests in
+test_celery_workers.py cover the same path end to end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.beat import PersistentScheduler, Scheduler
+
+from celery_cluster.beat import LeaderBeat, decode_schedule, encode_schedule, replicated_scheduler
+from celery_cluster.config import Timing
+
+
+class RecordingScheduler(Scheduler):
+    """A user's own beat_scheduler: records what would be published."""
+
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> None:
+        RecordingScheduler.sent.append((entry.name, dict(entry.options.get("headers", {}))))
+
+
+class StubCluster:
+    def __init__(self, payload: str = "") -> None:
+        self.payload = ((1, 1), payload)
+        self.timing = Timing((0.2, 0.4), 0.05)
+        self.proposals: list[str] = []
+        self.commits = True
+
+    def propose(self, text: str) -> tuple[int, int]:
+        self.proposals.append(text)
+        return (3, len(self.proposals))
+
+    def wait_committed(self, version: tuple[int, int], timeout: float) -> bool:
+        return self.commits
+
+
+class StubLeadership:
+    def __init__(self, term: int = 3) -> None:
+        self.term = term
+        self.lost = threading.Event()
+        self.valid = True
+
+    def is_valid(self) -> bool:
+        return self.valid
+
+
+@pytest.fixture
+def app() -> Celery:
+    RecordingScheduler.sent = []
+    app = Celery("b", set_as_current=False)
+    app.conf.beat_schedule = {"every-second": {"task": "b.tick", "schedule": 1.0}}
+    app.conf.beat_scheduler = f"{__name__}:RecordingScheduler"
+    return app
+
+
+def make(app: Celery, cluster: StubCluster, lead: StubLeadership) -> Any:
+    beat = LeaderBeat(app, cluster, lead)  # type: ignore[arg-type]
+    return beat, beat.scheduler_cls(app=app, max_interval=1, lazy=False)
+
+
+def test_the_configured_scheduler_class_is_used_and_the_shelve_one_replaced(app: Celery) -> None:
+    beat, scheduler = make(app, StubCluster(), StubLeadership())
+    assert isinstance(scheduler, RecordingScheduler)
+    assert replicated_scheduler(app, beat, PersistentScheduler).__mro__[2] is Scheduler
+    app.conf.beat_max_loop_interval = 7
+    assert LeaderBeat(app, StubCluster(), StubLeadership()).max_interval == 7  # type: ignore[arg-type]
+
+
+def test_a_new_leader_seeds_its_schedule_and_fires_an_overdue_entry_once(app: Celery) -> None:
+    ten_ago = app.now() - datetime.timedelta(seconds=10)
+    payload = encode_schedule({"every-second": type("E", (), {"last_run_at": ten_ago, "total_run_count": 41})()})
+    cluster = StubCluster(payload)
+    _, scheduler = make(app, cluster, StubLeadership(term=3))
+    entry = scheduler.schedule["every-second"]
+    assert (entry.last_run_at, entry.total_run_count) == (ten_ago, 41)
+    scheduler.tick()
+    assert RecordingScheduler.sent == [("every-second", {"cluster_term": 3, "cluster_run": 42})]
+    # The firing was replicated before it was sent, with the run it got.
+    (state,) = [decode_schedule(p) for p in cluster.proposals]
+    assert state["every-second"][1] == 42
+    scheduler.tick()  # not due again for a second: the overdue entry fired once
+    assert len(RecordingScheduler.sent) == 1
+
+
+def test_nothing_is_sent_that_a_majority_did_not_record(app: Celery) -> None:
+    cluster, lead = StubCluster(), StubLeadership()
+    _, scheduler = make(app, cluster, lead)
+    scheduler.schedule["every-second"].last_run_at = app.now() - datetime.timedelta(seconds=5)
+    scheduler._heap = None
+    cluster.commits = False
+    lead.valid = False  # leadership went while waiting for the commit
+    scheduler.tick()
+    assert cluster.proposals and RecordingScheduler.sent == []
+
+
+def test_nothing_is_sent_when_the_lease_ends_between_commit_and_publish(app: Celery) -> None:
+    cluster, lead = StubCluster(), StubLeadership()
+    _, scheduler = make(app, cluster, lead)
+    scheduler.schedule["every-second"].last_run_at = app.now() - datetime.timedelta(seconds=5)
+    scheduler._heap = None
+    original = cluster.wait_committed
+
+    def commit_then_lose(version: tuple[int, int], timeout: float) -> bool:
+        lead.valid = False  # the lease ends right after the commit is confirmed
+        return original(version, timeout)
+
+    cluster.wait_committed = commit_then_lose  # type: ignore[method-assign]
+    scheduler.tick()
+    assert cluster.proposals and RecordingScheduler.sent == []
