@@ -82,15 +82,15 @@ def test_a_message_prefetched_from_the_leader_queue_is_requeued(
     ran = []
 
     @app.task(bind=True, base=LeaderOnlyTask)
-    def work(self) -> None:
+    def prefetched(self) -> None:
         ran.append(1)
 
-    work.push_request(id="x", delivery_info={"routing_key": "celery_cluster.leader"}, args=(), kwargs={})
+    prefetched.push_request(id="x", delivery_info={"routing_key": "celery_cluster.leader"}, args=(), kwargs={})
     try:
         with pytest.raises(Reject) as info:
-            work()
+            prefetched()
     finally:
-        work.pop_request()
+        prefetched.pop_request()
     assert info.value.requeue and not ran
 
 
