@@ -156,7 +156,6 @@ class Election:
         self.quorum = len(self.members) // 2 + 1
         self.min_timeout, self.max_timeout = election_timeout
         self.heartbeat_interval = heartbeat_interval
-        self.drift = max_clock_drift
         self.lease_duration = self.min_timeout * (1 - max_clock_drift) / (1 + max_clock_drift)
         self.rng = rng or random.Random()
 
@@ -176,7 +175,6 @@ class Election:
         self.contact_leader: str | None = None
         self.leader_contact = NEVER
         self.last_heard: dict[str, float] = {}  # any message, per peer (for status)
-        self.last_tick = now
         # A lone member leads at once; others wait a randomised timeout.
         self.election_deadline = now if self.quorum == 1 else now + self._random_timeout()
 
@@ -226,7 +224,6 @@ class Election:
                 self._broadcast(now)
         elif now >= self.election_deadline and not self.passive:
             self._start_prevote(now)
-        self.last_tick = now
         return self._ready()
 
     def step(self, msg: Message, now: float) -> Ready:
@@ -450,8 +447,7 @@ class Election:
             self._become_follower(now, m.term, m.leader, "higher_term")
         self.contact_leader, self.leader_contact = m.leader, now
         self.election_deadline = now + self._random_timeout()
-        if m.payload is not None and m.version > self.version:
-            self.version, self.payload = m.version, m.payload
+        self._adopt_payload(m.version, m.payload)
         self._send(m.leader, AppendResponse(self.term, self.id, m.round, self.version, True))
 
     def _on_timeout_now(self, m: TimeoutNow, now: float) -> None:
@@ -459,9 +455,13 @@ class Election:
             return  # stale or not from our leader
         if self.passive:
             return  # shutting down: the sender's election timeout will find another leader
-        if m.payload is not None and m.version > self.version:
-            self.version, self.payload = m.version, m.payload
+        self._adopt_payload(m.version, m.payload)
         self._campaign(now, transfer=True)
+
+    def _adopt_payload(self, version: Version, payload: str | None) -> None:
+        """Take the leader's payload if it came along and is newer: messages reorder, never downgrade."""
+        if payload is not None and version > self.version:
+            self.version, self.payload = version, payload
 
     def _become_follower(self, now: float, term: int, leader: str | None, reason: str) -> None:
         if self.role is Role.LEADER:

@@ -70,12 +70,7 @@ class RpcEndpoint:
         try:
             if len(body) > MAX_BODY:
                 raise _Reject(413, "body too large")
-            signed_by = None
-            if self.signer is not None:
-                try:
-                    signed_by = self.signer.verify(method, path, headers, body)
-                except AuthenticationError as exc:
-                    raise _Reject(401, str(exc)) from None
+            signed_by = self.authenticate(method, path, headers, body)
             try:
                 msg = decode(json.loads(body), expected=cls)
             except (ValueError, RecursionError, ProtocolError) as exc:  # RecursionError: deep nesting
@@ -97,6 +92,15 @@ class RpcEndpoint:
             return 204, b""
         return 200, json.dumps(encode(reply), separators=(",", ":")).encode()
 
+    def authenticate(self, method: str, path: str, headers: Any, body: bytes) -> str | None:
+        """The signing sender, None without a secret; a bad signature is a 401 refusal."""
+        if self.signer is None:
+            return None
+        try:
+            return self.signer.verify(method, path, headers, body)
+        except AuthenticationError as exc:
+            raise _Reject(401, str(exc)) from None
+
 
 def make_blueprint(node: Node, signer: Signer | None = None,
                    status: Callable[[], dict[str, Any]] | None = None) -> Blueprint:
@@ -112,14 +116,6 @@ def make_blueprint(node: Node, signer: Signer | None = None,
         if len(body) > MAX_BODY:
             raise _Reject(413, "body too large")
         return body
-
-    def authenticate(body: bytes) -> str | None:
-        if signer is None:
-            return None
-        try:
-            return signer.verify(request.method, request.path, request.headers, body)
-        except AuthenticationError as exc:
-            raise _Reject(401, str(exc)) from None
 
     def rpc(name: str) -> Response:
         try:
@@ -144,8 +140,7 @@ def make_blueprint(node: Node, signer: Signer | None = None,
     def stepdown() -> Response:
         try:
             body = read_body() if request.content_length else b""
-            if signer is not None:
-                authenticate(body)
+            endpoint.authenticate(request.method, request.path, request.headers, body)
             target = None
             if body:
                 try:

@@ -98,12 +98,18 @@ def leader_only(obj: F) -> F:
         mark_task(obj)
         return obj
 
-    @functools.wraps(obj)
+    return _guarded(obj)  # type: ignore[return-value]
+
+
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` behind the lease check, marked as leader-only for the router."""
+
+    @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return _run_as_leader(obj, args, kwargs)
+        return _run_as_leader(fn, args, kwargs)
 
     setattr(wrapper, MARK, True)
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def is_leader_only(task: Any) -> bool:
@@ -116,10 +122,7 @@ def mark_task(task: Task) -> None:
     task.acks_late = True
     task.reject_on_worker_lost = True
     if not getattr(task.run, MARK, False) and not isinstance(task, LeaderOnlyTask):
-        original = task.run
-        wrapped = functools.wraps(original)(lambda *a, **kw: _run_as_leader(original, a, kw))
-        setattr(wrapped, MARK, True)
-        task.run = wrapped
+        task.run = _guarded(task.run)
 
 
 def fencing_token() -> int | None:

@@ -10,6 +10,7 @@ through :meth:`Node.handle_request`.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
 import queue
@@ -136,14 +137,7 @@ class Node:
             if self._stopped:
                 return
             self._stopped = True
-            if self.core.role is Role.LEADER:
-                try:
-                    if not transfer:
-                        raise TransferError("transfer not requested")
-                    _, ready = self.core.transfer_leadership(self.clock())
-                except TransferError:
-                    ready = self.core.step_down(self.clock(), "shutdown")
-                self._handle(ready)
+            self._relinquish(transfer)
             self._running = False
             self._timer_deadline = math.inf
             self._wake.notify_all()
@@ -205,12 +199,19 @@ class Node:
         but keep answering votes so the successor can be elected."""
         with self._lock:
             self.core.passive = True
-            if self.core.role is Role.LEADER:
-                try:
-                    _, ready = self.core.transfer_leadership(self.clock())
-                except TransferError:
-                    ready = self.core.step_down(self.clock(), "shutdown")
-                self._handle(ready)
+            self._relinquish(transfer=True)
+
+    def _relinquish(self, transfer: bool) -> None:
+        """With the lock held: hand leadership over, or step down if nobody can take it."""
+        if self.core.role is not Role.LEADER:
+            return
+        ready = None
+        if transfer:
+            try:
+                _, ready = self.core.transfer_leadership(self.clock())
+            except TransferError:
+                pass  # no reachable peer: step down without a handover
+        self._handle(ready if ready is not None else self.core.step_down(self.clock(), "shutdown"))
 
     def leadership(self) -> Leadership | None:
         """The handle of the current term's leadership, if this node leads."""
@@ -357,16 +358,10 @@ class Node:
         }
         state = {"id": self.id, "leader_id": leader_id, "state": event, "term": term,
                  "voted_for": self.core.voted_for}
-        text = "[cluster] Current state is %s" % _compact_json(state)
+        text = "[cluster] Current state is %s" % json.dumps(state, separators=(",", ":"))
         if "reason" in extra:
             text += f" (reason: {extra['reason']})"
         self.log.info(text, extra={"cluster_event": record})
-
-
-def _compact_json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, separators=(",", ":"))
 
 
 __all__ = ["Node", "Leadership", "Transport", "NodeStopped"]
