@@ -117,7 +117,23 @@ class Committed:
     version: Version
 
 
-Event = Union[RoleChanged, LeaseAcquired, SteppedDown, Committed]
+@dataclass(frozen=True)
+class VoteRefused:
+    """This node refused ``candidate`` a vote (or a pre-vote) for ``term``, and why.
+
+    ``reason``: ``leader_recently_heard`` (the recent-leader rule), ``restarted_recently``
+    (the same rule just after a restart), ``leading`` (this node holds a lease),
+    ``stale_term``, ``already_voted`` (for ``voted_for``) or ``candidate_behind`` (its
+    payload version is older than ours).
+    """
+
+    candidate: str
+    term: int
+    prevote: bool
+    reason: str
+
+
+Event = Union[RoleChanged, LeaseAcquired, SteppedDown, Committed, VoteRefused]
 
 
 @dataclass
@@ -231,8 +247,20 @@ class Election:
         if sender not in self.peers:
             return self._ready()  # the transport rejects strangers; never let them in here
         self.last_heard[sender] = now
+        # The recent-leader rule is judged once, on the state the request found.
+        sticky = self._sticky_reason(msg.candidate, now, msg.transfer) if isinstance(msg, VoteRequest) else None
+        if msg.term > self.term and self._adopts_term(msg, sticky):
+            # The one place a higher term is adopted (Raft §5.1): clear the vote, step down.
+            rerun = isinstance(msg, AppendResponse) and self.is_leader(now)
+            leader = msg.leader if isinstance(msg, AppendEntries) else None
+            self._become_follower(now, msg.term, leader, "higher_term")
+            if rerun:
+                # A node came back with a higher term while our followers still
+                # follow us: win the next term ourselves rather than be deposed.
+                self._campaign(now, transfer=False)
+                return self._ready()
         if isinstance(msg, VoteRequest):
-            self._on_vote_request(msg, now)
+            self._on_vote_request(msg, now, sticky)
         elif isinstance(msg, VoteResponse):
             self._on_vote_response(msg, now)
         elif isinstance(msg, AppendEntries):
@@ -241,6 +269,32 @@ class Election:
             self._on_append_response(msg, now)
         elif isinstance(msg, TimeoutNow):
             self._on_timeout_now(msg, now)
+        return self._ready()
+
+    def _adopts_term(self, msg: Message, sticky: str | None) -> bool:
+        """Whether a message with a higher term than ours makes us adopt that term.
+
+        Not a pre-vote request (never change state for a pre-vote), nor a vote request the
+        recent-leader rule refuses (a disruptive candidate must not depose a leader), nor
+        a granted pre-vote (its term is the one the pre-candidate would use), nor a refused
+        pre-vote unless we are still pre-campaigning, nor TimeoutNow (only our own leader's,
+        in our term, counts).
+        """
+        if isinstance(msg, VoteRequest):
+            return not msg.prevote and sticky is None
+        if isinstance(msg, VoteResponse) and msg.prevote:
+            return not msg.granted and self.role is Role.PRE_CANDIDATE
+        return not isinstance(msg, TimeoutNow)
+
+    def retire(self, now: float) -> Ready:
+        """Shutting down: never campaign or lead again (a campaign under way is abandoned),
+        but keep voting so a successor can be elected. Leadership itself is given up by
+        :meth:`transfer_leadership` or :meth:`step_down`."""
+        self.passive = True
+        if self.role in (Role.PRE_CANDIDATE, Role.CANDIDATE):
+            self._set_role(Role.FOLLOWER, None)
+            self._votes = {}
+            self.election_deadline = now + self._random_timeout()
         return self._ready()
 
     def propose(self, payload: str, now: float) -> tuple[Version, Ready]:
@@ -285,48 +339,55 @@ class Election:
 
     # -- votes -----------------------------------------------------------------
 
-    def _in_lease(self, now: float) -> bool:
-        """The recent-leader rule: must we refuse (pre-)votes right now?"""
-        if now - self.started_at < self.min_timeout:
-            return True  # restarted: we may have acked a leader's round we no longer remember
-        if self.role is Role.LEADER:
-            return now < self.lease_until
-        return self.contact_leader is not None and now - self.leader_contact < self.min_timeout
+    def _sticky_reason(self, candidate: str, now: float, transfer: bool) -> str | None:
+        """The recent-leader rule: why we must refuse (pre-)votes right now, or None.
 
-    def _on_vote_request(self, m: VoteRequest, now: float) -> None:
-        sticky = self._in_lease(now) and not (self.role is not Role.LEADER and m.candidate == self.contact_leader)
-        if sticky and not m.transfer:
+        A transfer vote passes (the leader gave its lease up when it sent TimeoutNow), and
+        so does the leader we follow re-running for a new term (its lease is its own).
+        """
+        if transfer or (self.role is not Role.LEADER and candidate == self.contact_leader):
+            return None
+        if now - self.started_at < self.min_timeout:
+            return "restarted_recently"  # we may have acked a leader's round we no longer remember
+        if self.role is Role.LEADER:
+            return "leading" if now < self.lease_until else None
+        if self.contact_leader is not None and now - self.leader_contact < self.min_timeout:
+            return "leader_recently_heard"
+        return None
+
+    def _on_vote_request(self, m: VoteRequest, now: float, sticky: str | None) -> None:
+        reason = sticky
+        if reason is None:
+            if m.prevote:
+                # Never change our own state for a pre-vote.
+                reason = "stale_term" if m.term <= self.term else None
+            elif m.term < self.term:
+                reason = "stale_term"
+            elif self.voted_for not in (None, m.candidate):
+                reason = "already_voted"
+            if reason is None and m.version < self.version:
+                reason = "candidate_behind"
+        if reason is not None:
+            self._events.append(VoteRefused(m.candidate, m.term, m.prevote, reason))
             self._send(m.candidate, VoteResponse(self.term, self.id, False, m.prevote))
             return
         if m.prevote:
-            # Never change our own state for a pre-vote.
-            grant = m.term > self.term and m.version >= self.version
-            self._send(m.candidate, VoteResponse(m.term if grant else self.term, self.id, grant, True))
+            self._send(m.candidate, VoteResponse(m.term, self.id, True, True))
             return
-        if m.term > self.term:
-            self._become_follower(now, m.term, None, "higher_term")
-        grant = m.term == self.term and self.voted_for in (None, m.candidate) and m.version >= self.version
-        if grant:
-            self.voted_for = m.candidate
-            self.election_deadline = now + self._random_timeout()
-        self._send(m.candidate, VoteResponse(self.term, self.id, grant, False))
+        self.voted_for = m.candidate  # the term was adopted in step(): m.term == self.term
+        self.election_deadline = now + self._random_timeout()
+        self._send(m.candidate, VoteResponse(self.term, self.id, True, False))
 
     def _on_vote_response(self, m: VoteResponse, now: float) -> None:
         if m.prevote:
             if self.role is not Role.PRE_CANDIDATE:
                 return
-            if not m.granted and m.term > self.term:
-                self._become_follower(now, m.term, None, "higher_term")
-                return
             self._votes[m.voter] = m.granted and m.term == self.term + 1
             if self._granted() >= self.quorum:
                 self._campaign(now, transfer=False)
             return
-        if m.term > self.term:
-            self._become_follower(now, m.term, None, "higher_term")
-            return
         if self.role is not Role.CANDIDATE or m.term < self.term:
-            return  # stale
+            return  # stale (a higher term was adopted in step())
         self._votes[m.voter] = m.granted
         if self._granted() >= self.quorum:
             self._become_leader(now)
@@ -348,6 +409,8 @@ class Election:
             self._campaign(now, transfer=False)
 
     def _campaign(self, now: float, transfer: bool) -> None:
+        if self.passive:
+            return  # retiring: never lead again
         self.term += 1
         self.voted_for = self.id
         self._set_role(Role.CANDIDATE, None)
@@ -394,14 +457,6 @@ class Election:
                                        self.payload if behind else None))
 
     def _on_append_response(self, m: AppendResponse, now: float) -> None:
-        if m.term > self.term:
-            rerun = self.is_leader(now)
-            self._become_follower(now, m.term, None, "higher_term")
-            if rerun:
-                # A node came back with a higher term while our followers still
-                # follow us: win the next term ourselves rather than be deposed.
-                self._campaign(now, transfer=False)
-            return
         if self.role is not Role.LEADER or m.term < self.term or not m.success:
             return
         peer = m.follower
@@ -441,10 +496,10 @@ class Election:
             # A leader of an older term: tell it our term (it may re-run, see module doc).
             self._send(m.leader, AppendResponse(self.term, self.id, m.round, self.version, False))
             return
-        if m.term > self.term or self.role is not Role.FOLLOWER or self.leader_id != m.leader:
-            if self.role is Role.LEADER and m.term == self.term:
+        if self.role is not Role.FOLLOWER or self.leader_id != m.leader:
+            if self.role is Role.LEADER:
                 return  # impossible: one leader per term; never follow a twin
-            self._become_follower(now, m.term, m.leader, "higher_term")
+            self._become_follower(now, m.term, m.leader, "leader_found")  # (pre-)candidate: the term has a leader
         self.contact_leader, self.leader_contact = m.leader, now
         self.election_deadline = now + self._random_timeout()
         self._adopt_payload(m.version, m.payload)

@@ -28,6 +28,7 @@ Driving the cluster::
     campaign n2                     n2's election timer fires now. Realistic only for a node
                                     that heard no leader for the minimum election timeout:
                                     a real timer never fires sooner (the lease relies on it)
+    retire n1                       n1 shuts down: keeps voting, never campaigns or leads again
     propose n1 [fails TEXT]         the leader replaces the payload with "p<term>.<seq>"
     transfer n1 [to n2] [fails TEXT]  leadership transfer (TimeoutNow)
     set-term n3 7                   rewrite n3's persisted term, restart it
@@ -45,7 +46,8 @@ Expectations (``none`` means "nobody"; versions are written term.seq, e.g. 2.3):
     expect voted n2 term=2 for=n1   what n2 has persisted
     expect event n1 [none] KIND [k=v..]
                                     KIND: a role (RoleChanged), lease (LeaseAcquired),
-                                    stepped-down, committed. Events are consumed in order:
+                                    stepped-down, committed, refused (VoteRefused: a vote
+                                    or pre-vote refused, with its reason). Events are consumed in order:
                                     a match moves n1's cursor past it; 'none' checks every
                                     event since the cursor and moves it to the end.
     expect sent n2 -> n1 [none] Type [k=v..]
@@ -69,7 +71,8 @@ from typing import Any
 import pytest
 
 from celery_cluster import messages
-from celery_cluster.election import Committed, Election, LeaseAcquired, Role, RoleChanged, SteppedDown
+from celery_cluster.election import (Committed, Election, LeaseAcquired, Role, RoleChanged, SteppedDown,
+                                     VoteRefused)
 from tests.simnet import FixedTimeout, Sim, propose_next
 
 DATA = Path(__file__).parent / "testdata"
@@ -124,7 +127,8 @@ EVENT_FIELDS = {"leader": "leader_id"}
 def event_kind(ev: Any) -> str:
     if isinstance(ev, RoleChanged):
         return ev.role.value.replace("_", "-")
-    return {LeaseAcquired: "lease", SteppedDown: "stepped-down", Committed: "committed"}[type(ev)]
+    return {LeaseAcquired: "lease", SteppedDown: "stepped-down", Committed: "committed",
+            VoteRefused: "refused"}[type(ev)]
 
 
 def matches(obj: Any, want: dict[str, Any]) -> bool:
@@ -150,7 +154,7 @@ def fmt(v: Any) -> str:
 
 def show(obj: Any) -> str:
     """One event or message, written the way a transcript would match it."""
-    if isinstance(obj, (RoleChanged, LeaseAcquired, SteppedDown, Committed)):
+    if isinstance(obj, (RoleChanged, LeaseAcquired, SteppedDown, Committed, VoteRefused)):
         detail = {("leader" if k == "leader_id" else k): v for k, v in vars(obj).items()
                   if k not in ("role", "lease_until")}
         return f"{event_kind(obj)} " + " ".join(f"{k}={fmt(v)}" for k, v in detail.items())
@@ -373,6 +377,10 @@ class Scenario:
     def cmd_campaign(self, args: list[str]) -> None:
         self.live(args[0])
         self.s.force_timeout(args[0])
+
+    def cmd_retire(self, args: list[str]) -> None:
+        self.live(args[0])
+        self.s.call(args[0], lambda c, now: c.retire(now))
 
     def cmd_propose(self, args: list[str]) -> None:
         self.live(args[0])
