@@ -162,7 +162,7 @@ class StateFile:
         self._last = state
 
     def _write(self, data: bytes) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_durable_dirs(self.directory)
         # mkstemp creates the file with mode 0o600, in the same directory so that
         # os.replace is an atomic rename on one file system.
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{_FILE_NAME}.", suffix=".tmp")
@@ -177,8 +177,30 @@ class StateFile:
                 os.unlink(tmp)
             raise
         # The rename itself lives in the directory: sync it, or a crash may undo it.
-        dir_fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        _fsync_dir(self.directory)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_durable_dirs(directory: Path) -> None:
+    """``mkdir -p`` whose result survives a crash: every directory created is an entry in
+    its parent, so each parent is synced after the child appears in it."""
+    missing = []
+    path = directory
+    while not path.exists():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for path in reversed(missing):
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # created meanwhile by someone else, who syncs it
+        _fsync_dir(path.parent)

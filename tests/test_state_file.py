@@ -163,6 +163,29 @@ def test_save_fsyncs_file_and_directory(tmp_path: Path, monkeypatch: pytest.Monk
     assert synced == ["file", "dir"]
 
 
+def test_first_save_fsyncs_the_parent_of_every_directory_it_creates(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new state directory is an entry in its parent: without syncing the parent, a crash
+    right after the first save can lose the directory - and the vote in it."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    directory = tmp_path / "a" / "b"
+    StateFile(directory, NODE).save(HardState(term=1))
+    # The parents of a and of b, in creation order, then the file, then its directory.
+    assert synced[:2] == [str(tmp_path), str(tmp_path / "a")]
+    assert synced[2].startswith(str(directory / ".state.json."))
+    assert synced[3:] == [str(directory)]
+    synced.clear()
+    StateFile(directory, NODE).save(HardState(term=2))  # the directories exist now
+    assert synced[1:] == [str(directory)]
+
+
 def test_failed_replace_leaves_old_file_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sf = StateFile(tmp_path, NODE)
     old = HardState(term=1, voted_for=NODE, payload="old")
