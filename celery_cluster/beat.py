@@ -14,11 +14,24 @@ For every firing, :meth:`ReplicatedSchedulerMixin.apply_entry`
    ``cluster_run`` (the entry's replicated run count: a duplicate firing would
    repeat a number, a skipped one would leave a gap).
 
+Steps 1-3 run as one piece of leader work (``Leadership.acting``): a planned
+handover (stepdown, warm shutdown) waits for a firing in flight to be
+published before it gives the lease away, so it neither loses that run nor
+lets the successor repeat it.
+
 A new leader seeds its scheduler from the payload, which holds every committed
 firing (Raft's up-to-date rule), so no due time fires twice across a failover
 and none is skipped; an overdue entry fires once, late, as after a restart.
-The one window: a leader that loses leadership (or dies) after step 1 commits
-but before step 3 publishes loses that run - the new leader sees it as done.
+The one window: a leader that *crashes* or loses its lease unplanned (pause,
+partition) after step 1 commits but before step 3 publishes loses that run -
+the new leader sees it as done.
+
+Beat is supervised: an exception anywhere in the scheduler (building it,
+``tick()``, a scheduler of the user's) is logged, and the scheduler is built
+anew after a back-off of 1 s, doubling up to 30 s, for as long as this term
+lasts. :meth:`LeaderBeat.status` says ``running`` or ``failing: <error>``,
+with the number of restarts and the last error; a leader whose beat is not
+running fails ``GET /cluster/health``.
 """
 
 from __future__ import annotations
@@ -85,21 +98,33 @@ class ReplicatedSchedulerMixin:
 
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
         beat = self.cluster_beat
-        if not beat.record_firing(self.schedule):  # type: ignore[attr-defined]
-            return
-        # The run number is replicated with the firing: unique across failovers,
-        # so consumers can spot a duplicate (same number twice) or a gap.
-        run = self.schedule[entry.name].total_run_count  # type: ignore[attr-defined]
-        options = dict(entry.options)
-        options["headers"] = {**options.get("headers", {}), "cluster_term": beat.leadership.term,
-                              "cluster_run": run}
-        entry = copy.copy(entry)
-        entry.options = options
-        if not beat.leadership.is_valid():  # the lease, re-checked right before publishing
-            log.warning("[cluster] beat: lease lost before sending %s; not sent", entry.name)
-            return
-        super().apply_entry(entry, producer=producer)  # type: ignore[misc]
+        with beat.leadership.acting() as ok:
+            if not ok or not beat.record_firing(self.schedule):  # type: ignore[attr-defined]
+                # Nothing recorded: the run stays due - for the successor, or for us if
+                # the handover does not happen after all.
+                log.info("[cluster] beat: leadership ending; %s left due", entry.name)
+                self._withdraw(entry)
+                return
+            # The run number is replicated with the firing: unique across failovers,
+            # so consumers can spot a duplicate (same number twice) or a gap.
+            run = self.schedule[entry.name].total_run_count  # type: ignore[attr-defined]
+            options = dict(entry.options)
+            options["headers"] = {**options.get("headers", {}), "cluster_term": beat.leadership.term,
+                                  "cluster_run": run}
+            entry = copy.copy(entry)
+            entry.options = options
+            if not beat.leadership.is_valid():  # the lease, re-checked right before publishing
+                log.warning("[cluster] beat: lease lost before sending %s; not sent", entry.name)
+                return
+            super().apply_entry(entry, producer=producer)  # type: ignore[misc]
 
+
+    def _withdraw(self, entry: Any) -> None:
+        """Undo ``tick()``'s ``reserve()`` of ``entry``: it stays due. ``tick()`` has already
+        pushed the reserved copy on the heap, so the heap is dropped and rebuilt from the
+        schedule (there is no documented hook for a firing that did not happen)."""
+        self.schedule[entry.name] = entry  # type: ignore[attr-defined]
+        self._heap = None
 
 def replicated_scheduler(app: Celery, beat: LeaderBeat, scheduler: str | type | None = None) -> type:
     cls = symbol_by_name(scheduler or app.conf.beat_scheduler)
@@ -109,7 +134,10 @@ def replicated_scheduler(app: Celery, beat: LeaderBeat, scheduler: str | type | 
 
 
 class LeaderBeat:
-    """The beat scheduler for one term of leadership, in a thread of the worker."""
+    """The beat scheduler for one term of leadership, in a supervised thread of the worker."""
+
+    #: Back-off before the scheduler is built again after an error (doubling up to the maximum).
+    RESTART_BACKOFF = (1.0, 30.0)
 
     def __init__(self, app: Celery, cluster: Cluster, leadership: Leadership, *,
                  scheduler: str | type | None = None, commit_timeout: float | None = None) -> None:
@@ -122,7 +150,11 @@ class LeaderBeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"celery-cluster-beat-{leadership.term}",
                                         daemon=True)
-        self.fired = 0
+        #: ``running``, ``failing: <error>`` or ``stopped``.
+        self.state = "starting"
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None  # time.time()
 
     def start(self) -> None:
         self._thread.start()
@@ -134,7 +166,12 @@ class LeaderBeat:
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self.state == "running"
+
+    def status(self) -> dict[str, Any]:
+        return {"beat_state": self.state if self._thread.is_alive() else "stopped",
+                "beat_restarts": self.restarts, "beat_last_error": self.last_error,
+                "beat_last_error_at": self.last_error_at}
 
     def record_firing(self, schedule: dict[str, Any]) -> bool:
         """Replicate the schedule's state to a majority; False if leadership went first."""
@@ -145,30 +182,60 @@ class LeaderBeat:
             return False
         while self.leadership.is_valid() and not self._stop.is_set():
             if self.cluster.wait_committed(version, self.commit_timeout):
-                self.fired += 1
                 return True
         log.warning("[cluster] beat: leadership lost before a majority recorded the firing; not sent")
         return False
 
+    def _leading(self) -> bool:
+        return not self._stop.is_set() and self.leadership.is_valid()
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking for shutdown and for step-down (checked every 0.1 s)."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and not self.leadership.lost.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._stop.wait(min(left, 0.1))
+
     def _run(self) -> None:
         self.app.set_current()
-        scheduler = self.scheduler_cls(app=self.app, max_interval=self.max_interval, lazy=False)
-        log.info("[cluster] beat started in term %s (%s)", self.leadership.term, self.scheduler_cls.__mro__[2].__name__)
+        backoff = self.RESTART_BACKOFF[0]
         try:
-            while not self._stop.is_set() and self.leadership.is_valid():
+            while self._leading():
+                healthy_since = time.monotonic()
+                try:
+                    self._run_scheduler()
+                    return  # leadership over or stopping
+                except Exception as exc:  # noqa: BLE001 - supervised: log, back off, build it again
+                    if time.monotonic() - healthy_since > self.RESTART_BACKOFF[1]:
+                        backoff = self.RESTART_BACKOFF[0]  # it ran well for a while: start over
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.last_error_at = time.time()
+                    self.state = f"failing: {self.last_error}"
+                    log.error("[cluster] beat failed in term %s (%s); restarting in %.0f s",
+                              self.leadership.term, self.last_error, backoff, exc_info=True)
+                    self._wait(backoff)
+                    backoff = min(backoff * 2, self.RESTART_BACKOFF[1])
+                    if self._leading():
+                        self.restarts += 1
+        finally:
+            self.state = "stopped"
+            log.info("[cluster] beat stopped (term %s)", self.leadership.term)
+
+    def _run_scheduler(self) -> None:
+        scheduler = self.scheduler_cls(app=self.app, max_interval=self.max_interval, lazy=False)
+        try:
+            log.info("[cluster] beat started in term %s (%s)", self.leadership.term,
+                     self.scheduler_cls.__mro__[2].__name__)
+            if self.last_error is None:
+                self.state = "running"  # after a failure: only once a tick goes through
+            while self._leading():
                 interval = scheduler.tick()
-                deadline = time.monotonic() + min(interval or 0.0, self.max_interval)
-                # Wake for shutdown and for step-down alike (checked every 0.1 s at most).
-                while not self._stop.is_set() and not self.leadership.lost.is_set():
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._stop.wait(min(left, 0.1))
-        except Exception:  # noqa: BLE001 - never let a scheduler error go unnoticed
-            log.exception("[cluster] beat stopped by an error")
+                self.state = "running"  # a tick went through (after a restart: it recovered)
+                self._wait(min(interval or 0.0, self.max_interval))
         finally:
             try:
                 scheduler.close()
             except Exception:  # noqa: BLE001
                 log.exception("[cluster] beat: error closing the scheduler")
-            log.info("[cluster] beat stopped (term %s)", self.leadership.term)

@@ -3,7 +3,9 @@
     celery-cluster node --listen 127.0.0.1:8899 --nodes 127.0.0.1:8899,127.0.0.1:8898,127.0.0.1:8897
 
 SIGTERM/SIGINT hand leadership over (if leading) and exit 0. Bad arguments
-print one line and exit 2.
+print one line and exit 2. A node whose state cannot be made durable (disk
+full, I/O error, read-only file system) gives leadership up, leaves the
+cluster and exits 3 with one line naming the file and the OS error.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import click
 from .cluster import Cluster
 from .config import parse_timeout_range
 from .errors import ClusterError
+
+#: Exit status of a node that fail-stopped because its state could not be saved.
+EXIT_STATE_NOT_DURABLE = 3
 
 
 class JsonTransitionFormatter(logging.Formatter):
@@ -63,20 +68,25 @@ def node(listen: str, nodes: str, advertise: str | None, election_timeout: str, 
          state_dir: str | None, in_memory: bool, secret_file: str | None, log_format: str) -> None:
     """Run one cluster member until SIGTERM/SIGINT."""
     _setup_logging(log_format)
+    stop = threading.Event()
     try:
         cluster = Cluster(nodes, listen=listen, advertise=advertise,
                           election_timeout=parse_timeout_range(election_timeout),
                           heartbeat_interval=heartbeat_interval, state_dir=state_dir,
-                          secret_file=secret_file, persist=not in_memory)
+                          secret_file=secret_file, persist=not in_memory,
+                          on_failure=lambda exc: stop.set())
         cluster.start()
     except (ClusterError, OSError) as exc:
         click.echo(f"celery-cluster: error: {exc}", err=True)
         sys.exit(2)
-    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     cluster.stop(transfer=True, timeout=1.0)
+    if cluster.failure is not None:
+        # Fail-stop: the node's state could not be made durable (disk full, I/O error...).
+        click.echo(f"celery-cluster: error: {cluster.failure}", err=True)
+        sys.exit(EXIT_STATE_NOT_DURABLE)
     sys.exit(0)
 
 

@@ -14,8 +14,9 @@ from .config import Timing, check_membership, default_state_dir, parse_address, 
 from .errors import ClusterError, ConfigurationError
 from .http_client import PeerClient
 from .http_server import MAX_BODY, EmbeddedServer, make_blueprint
+from .clock import lease_clock
 from .messages import Version
-from .node import Leadership, Node
+from .node import Leadership, LeaseSink, Node
 from .state_file import StateFile
 
 log = logging.getLogger("celery_cluster")
@@ -30,6 +31,10 @@ class Cluster:
     ``advertise``. ``on_leader(term)`` runs when this node's lease starts,
     ``on_follower(term)`` at start and when leadership is lost; both run on a
     callback thread, and an exception in one makes the node step down.
+    ``on_failure(exc)`` runs (on that thread) if the node fail-stops because its
+    state could not be made durable. ``lease_sink`` receives every lease and
+    its revocation synchronously (the Celery step passes the shared-memory
+    state pool processes read); ``clock`` is the lease clock (tests inject one).
 
     State (term, vote, replicated payload) is kept in ``state_dir`` - by default
     ``$XDG_STATE_HOME/celery-cluster/<advertise>`` (``~/.local/state/...``).
@@ -53,6 +58,9 @@ class Cluster:
         secret_file: str | os.PathLike[str] | None = None,
         persist: bool = True,
         max_clock_drift: float = 0.05,
+        on_failure: Callable[[BaseException], Any] | None = None,
+        lease_sink: LeaseSink | None = None,
+        clock: Callable[[], float] = lease_clock,
     ) -> None:
         self.log = logger or log
         self.members = parse_nodes(nodes)
@@ -83,7 +91,7 @@ class Cluster:
         try:
             self.node = Node(self.advertise, self.members, transport=self.client, timing=self.timing,
                              state_file=state_file, on_leader=on_leader, on_follower=on_follower,
-                             logger=self.log)
+                             on_failure=on_failure, lease_sink=lease_sink, logger=self.log, clock=clock)
         except BaseException:
             self.client.close()  # e.g. StateFileError: don't leave the per-peer sender threads behind
             raise
@@ -91,6 +99,8 @@ class Cluster:
         self._bp: Blueprint | None = None
         #: Extra fields for status() and GET /cluster/status (the Celery step adds beat and queue state).
         self.status_extras: Callable[[], dict[str, Any]] | None = None
+        #: Extra problems for health() and GET /cluster/health (the Celery step adds a failing beat).
+        self.health_extras: Callable[[], list[str]] | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -132,7 +142,7 @@ class Cluster:
     def blueprint(self) -> Blueprint:
         """The ``/cluster`` routes, to mount in your own Flask app."""
         if self._bp is None:
-            self._bp = make_blueprint(self.node, self.signer, status=self.status)
+            self._bp = make_blueprint(self.node, self.signer, status=self.status, health=self.health)
         return self._bp
 
     def is_leader(self) -> bool:
@@ -151,6 +161,20 @@ class Cluster:
         if self.status_extras is not None:
             status.update(self.status_extras())
         return status
+
+    def health(self) -> list[str]:
+        """Why this node is unhealthy (empty when healthy): it fail-stopped (its state could
+        not be made durable), it knows no leader, or (Celery) it leads without a running beat.
+        ``GET /cluster/health`` answers 503 with these, else 200: a Kubernetes probe."""
+        problems = self.node.health()
+        if self.health_extras is not None:
+            problems += self.health_extras()
+        return problems
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why this node fail-stopped and left the cluster, if it did."""
+        return self.node.failure
 
     def stepdown(self, to: str | None = None) -> str:
         """Transfer leadership (to ``to`` or the most up-to-date reachable peer); returns the target."""

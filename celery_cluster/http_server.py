@@ -103,7 +103,8 @@ class RpcEndpoint:
 
 
 def make_blueprint(node: Node, signer: Signer | None = None,
-                   status: Callable[[], dict[str, Any]] | None = None) -> Blueprint:
+                   status: Callable[[], dict[str, Any]] | None = None,
+                   health: Callable[[], list[str]] | None = None) -> Blueprint:
     bp = Blueprint("celery_cluster", __name__, url_prefix="/cluster")
     endpoint = RpcEndpoint(node, signer)
     bp.rpc_endpoint = endpoint  # type: ignore[attr-defined] - the embedded server's fast path uses it
@@ -131,6 +132,13 @@ def make_blueprint(node: Node, signer: Signer | None = None,
     @bp.get("/status")
     def status_route() -> Response:
         return _json(status() if status is not None else node.status())
+
+    @bp.get("/health")
+    def health_route() -> Response:
+        problems = health() if health is not None else node.health()
+        body = {"healthy": not problems, "reasons": problems, "id": node.id}
+        return Response(json.dumps(body, separators=(",", ":")), status=503 if problems else 200,
+                        mimetype="application/json")
 
     @bp.get("/id")
     def node_id() -> Response:

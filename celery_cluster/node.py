@@ -1,23 +1,43 @@
 """The node driver: runs an :class:`~celery_cluster.election.Election` in real time.
 
-It owns the timer thread, persistence (hard state is fsynced before any
-message that depends on it leaves), the callback thread and leadership
-handles. It knows nothing about HTTP: a :class:`Transport` sends envelopes and
-feeds responses back through :meth:`Node.receive`; incoming requests arrive
-through :meth:`Node.handle_request`.
+It owns the timer thread, persistence, the callback thread, leadership handles
+and the lease sink. It knows nothing about HTTP: a :class:`Transport` sends
+envelopes and feeds responses back through :meth:`Node.receive`; incoming
+requests arrive through :meth:`Node.handle_request`.
+
+Every :class:`~celery_cluster.election.Ready` is handled under the node lock, in
+this order (:meth:`Node._handle`):
+
+1. leadership given up in this step is revoked - the lease sink (what pool
+   processes read) cleared and :attr:`Leadership.lost` set - on this thread,
+   before anything below can let another node be elected (a vote granted, a
+   higher term answered, TimeoutNow sent);
+2. the hard state is made durable; if that fails the node **fail-stops**: it
+   sends nothing of this step, gives up leadership and leaves the cluster;
+3. messages are handed to the transport;
+4. events are acted on; the lease sink gets every extension of the lease.
+
+So the lease that leader work checks is written and revoked only here, under
+one lock, from the core's own state: no other thread can publish a lease of an
+older leadership. User callbacks run on their own thread, which nothing in
+the election waits for.
+
+Time is one injectable clock (default :func:`~celery_cluster.clock.lease_clock`,
+``CLOCK_BOOTTIME`` on Linux, which keeps counting through suspend).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import math
 import queue
 import threading
-import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
+from .clock import lease_clock
 from .config import Timing
 from .election import (
     Committed,
@@ -28,6 +48,7 @@ from .election import (
     Role,
     RoleChanged,
     SteppedDown,
+    VoteRefused,
 )
 from .errors import ClusterError, TransferError
 from .messages import AppendResponse, HardState, Message, Version, VoteResponse
@@ -46,8 +67,18 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+class LeaseSink(Protocol):
+    """Where the node publishes its lease for leader work in other processes
+    (:class:`~celery_cluster.leader_state.LeaderState`). Called under the node lock."""
+
+    def publish(self, term: int, lease_until: float) -> None:
+        """``lease_until`` is on :func:`~celery_cluster.clock.lease_clock`."""
+
+    def revoke(self) -> None: ...
+
+
 class NodeStopped(ClusterError):
-    """A request reached a node that was stopped."""
+    """A request reached a node that was stopped (or that fail-stopped)."""
 
 
 class Leadership:
@@ -70,6 +101,22 @@ class Leadership:
     def wait_lost(self, timeout: float | None = None) -> bool:
         return self.lost.wait(timeout)
 
+    @contextlib.contextmanager
+    def acting(self) -> Iterator[bool]:
+        """Mark leader work that must finish before a *planned* handover (stepdown,
+        warm shutdown) gives the lease away: ``with lead.acting() as ok: if ok: ...``.
+
+        ``ok`` is False - do nothing - when the lease is gone or a handover has
+        begun. A handover waits for such work up to the minimum election timeout;
+        the work must still re-check :meth:`is_valid` right before it acts.
+        """
+        ok = self._node._begin_action(self.term)
+        try:
+            yield ok
+        finally:
+            if ok:
+                self._node._end_action()
+
     def __repr__(self) -> str:
         return f"<Leadership term={self.term} valid={self.is_valid()}>"
 
@@ -85,8 +132,10 @@ class Node:
         state_file: StateFile | None = None,
         on_leader: Callback | None = None,
         on_follower: Callback | None = None,
+        on_failure: Callable[[BaseException], Any] | None = None,
+        lease_sink: LeaseSink | None = None,
         logger: logging.Logger | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = lease_clock,
     ) -> None:
         self.id = node_id
         self.members = members
@@ -95,14 +144,23 @@ class Node:
         self.state_file = state_file
         self.on_leader = on_leader
         self.on_follower = on_follower
+        self.on_failure = on_failure
+        self.lease_sink = lease_sink
         self.log = logger or logging.getLogger("celery_cluster")
         self.clock = clock
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._committed = threading.Condition(self._lock)
+        self._drained = threading.Condition(self._lock)
         self._callbacks: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self._leadership: Leadership | None = None
+        self._published: tuple[int, float] | None = None  # what the lease sink holds
+        self._actions = 0  # leader work in flight (Leadership.acting)
+        self._draining = 0  # planned handovers waiting for that work
+        #: Why this node fail-stopped (its state could not be made durable), else None.
+        self.failure: BaseException | None = None
         self._running = False
+        self._stopping = False  # stop() is handing over: still answering, no second stop()
         self._stopped = False
         self._timer_deadline = -math.inf  # what the timer thread sleeps towards
         self._threads: list[threading.Thread] = []
@@ -121,7 +179,7 @@ class Node:
 
     def start(self) -> None:
         with self._lock:
-            if self._running or self._stopped:
+            if self._running or self._stopping or self._stopped or self.failure is not None:
                 return
             self._running = True
             self._log_transition("follower", self.core.term, self.core.leader_id)
@@ -134,10 +192,12 @@ class Node:
     def stop(self, *, transfer: bool = True, timeout: float = 1.0) -> None:
         """Hand leadership over (or step down), then stop. Safe to call in any state, twice."""
         with self._lock:
-            if self._stopped:
+            if self._stopping or self._stopped:
                 return
+            self._stopping = True
+            if self.failure is None:
+                self._relinquish(transfer)
             self._stopped = True
-            self._relinquish(transfer)
             self._running = False
             self._timer_deadline = math.inf
             self._wake.notify_all()
@@ -160,8 +220,7 @@ class Node:
         Raises :class:`NodeStopped` once :meth:`stop` ran: a stopped node must not vote
         or write its state file (a new instance may already own that file)."""
         with self._lock:
-            if self._stopped:
-                raise NodeStopped(f"{self.id} is stopped")
+            self._check_running()
             ready = self.core.step(msg, self.clock())
             reply = None
             for env in ready.messages:
@@ -171,12 +230,19 @@ class Node:
             if reply is not None:
                 ready.messages.remove(reply)
             self._handle(ready)
+            self._check_running()  # fail-stopped in this step: the reply depends on what was not saved
             return reply.msg if reply is not None else None
+
+    def _check_running(self) -> None:
+        if self.failure is not None:
+            raise NodeStopped(f"{self.id} left the cluster: its state is not durable ({self.failure})")
+        if self._stopped:
+            raise NodeStopped(f"{self.id} is stopped")
 
     def receive(self, msg: Message) -> None:
         """Step a response that came back from a peer."""
         with self._lock:
-            if self._stopped:
+            if self._stopped or self.failure is not None:
                 return
             self._handle(self.core.step(msg, self.clock()))
 
@@ -187,31 +253,67 @@ class Node:
         with self._lock:
             return self.core.is_leader(self.clock()) and (term is None or term == self.core.term)
 
-    def lease(self) -> tuple[int, float] | None:
-        """(term, lease_until on the monotonic clock) while this node leads, else None."""
-        with self._lock:
-            if not self.core.is_leader(self.clock()):
-                return None
-            return self.core.term, self.core.lease_until
-
     def retire(self) -> None:
-        """Shutting down: hand leadership over (or step down) and never campaign again,
-        but keep answering votes so the successor can be elected."""
+        """Shutting down: never campaign or lead again (a campaign under way is
+        abandoned), hand leadership over (or step down), but keep answering votes
+        so the successor can be elected."""
         with self._lock:
-            self.core.passive = True
+            if self._stopped or self.failure is not None:
+                return
+            self._handle(self.core.retire(self.clock()))
             self._relinquish(transfer=True)
 
     def _relinquish(self, transfer: bool) -> None:
-        """With the lock held: hand leadership over, or step down if nobody can take it."""
+        """With the lock held: hand leadership over, or step down if nobody can take it.
+
+        The one path by which this node gives leadership up on purpose (stop, retire);
+        stepdown goes through :meth:`transfer_leadership`, which drains the same way.
+        """
         if self.core.role is not Role.LEADER:
             return
-        ready = None
-        if transfer:
-            try:
-                _, ready = self.core.transfer_leadership(self.clock())
-            except TransferError:
-                pass  # no reachable peer: step down without a handover
-        self._handle(ready if ready is not None else self.core.step_down(self.clock(), "shutdown"))
+        with self._draining_leader_work():
+            if self.core.role is not Role.LEADER:
+                return  # lost while leader work finished
+            ready = None
+            if transfer:
+                try:
+                    _, ready = self.core.transfer_leadership(self.clock())
+                except TransferError:
+                    pass  # no reachable peer: step down without a handover
+            self._handle(ready if ready is not None else self.core.step_down(self.clock(), "shutdown"))
+
+    @contextlib.contextmanager
+    def _draining_leader_work(self) -> Iterator[None]:
+        """With the lock held: refuse new leader work and wait (at most the minimum
+        election timeout) for the work in flight - a beat firing between its commit
+        and its publish - so that a planned handover neither loses nor repeats it."""
+        self._draining += 1
+        try:
+            limit = self.timing.election_timeout[0]
+            deadline = self.clock() + limit
+            while self._actions and self.core.role is Role.LEADER:
+                left = deadline - self.clock()
+                if left <= 0:
+                    self.log.warning("[cluster] leader work still in flight after %.1f s; handing over anyway",
+                                     limit)
+                    break
+                self._drained.wait(left)
+            yield
+        finally:
+            self._draining -= 1
+
+    def _begin_action(self, term: int) -> bool:
+        with self._lock:
+            if self._draining or not self.is_leader(term):
+                return False
+            self._actions += 1
+            return True
+
+    def _end_action(self) -> None:
+        with self._lock:
+            self._actions -= 1
+            if not self._actions:
+                self._drained.notify_all()
 
     def leadership(self) -> Leadership | None:
         """The handle of the current term's leadership, if this node leads."""
@@ -222,8 +324,10 @@ class Node:
     def propose(self, payload: str) -> Version:
         """Replace the replicated payload; returns its version (see :meth:`wait_committed`)."""
         with self._lock:
+            self._check_running()
             version, ready = self.core.propose(payload, self.clock())
             self._handle(ready)
+            self._check_running()  # fail-stopped saving it: it was never sent
             return version
 
     def wait_committed(self, version: Version, timeout: float) -> bool:
@@ -246,10 +350,14 @@ class Node:
             return self.core.version, self.core.payload
 
     def transfer_leadership(self, target: str | None = None) -> str:
-        """Hand leadership to ``target`` (or the best reachable peer). Raises TransferError."""
+        """Hand leadership to ``target`` (or the best reachable peer), once leader work in
+        flight has finished (see :meth:`Leadership.acting`). Raises TransferError."""
         with self._lock:
-            target, ready = self.core.transfer_leadership(self.clock(), target)
-            self._handle(ready)
+            if self.core.role is not Role.LEADER:
+                raise TransferError(f"{self.id} is not the leader")
+            with self._draining_leader_work():
+                target, ready = self.core.transfer_leadership(self.clock(), target)
+                self._handle(ready)
         return target
 
     def status(self) -> dict[str, Any]:
@@ -267,6 +375,7 @@ class Node:
                 "is_leader": c.is_leader(now),
                 "lease_remaining_ms": round(lease_ms, 1),
                 "payload_version": list(c.version),
+                "failure": str(self.failure) if self.failure is not None else None,
                 "nodes": [
                     {
                         "address": p,
@@ -278,16 +387,86 @@ class Node:
 
     # -- internals -------------------------------------------------------------
 
+    def health(self) -> list[str]:
+        """What keeps this node from being healthy (empty when it is): it fail-stopped,
+        or it neither leads nor heard a leader within the maximum election timeout."""
+        with self._lock:
+            if self.failure is not None:
+                return [f"state not durable: {self.failure}"]
+            if self._stopped:
+                return ["stopped"]
+            now = self.clock()
+            c = self.core
+            if not c.is_leader(now) and not (c.contact_leader is not None
+                                             and now - c.leader_contact < c.max_timeout):
+                return ["no leader known"]
+            return []
+
     def _handle(self, ready: Ready) -> None:
-        """Persist, then send, then act on events. Called with the lock held."""
+        """Revoke, persist, send, then act on events (module docstring). Lock held."""
+        for ev in ready.events:
+            if isinstance(ev, SteppedDown):
+                self._revoke(ev.term)  # before anything leaves: see the module docstring
         if ready.hard_state is not None and self.state_file is not None:
-            self.state_file.save(ready.hard_state)  # raises: never send what we could not persist
+            try:
+                self.state_file.save(ready.hard_state)
+            except Exception as exc:  # noqa: BLE001 - StateFileError (ENOSPC, EIO, EROFS...) or worse
+                self._fail_stop(exc, ready)
+                return
         for env in ready.messages:
             self.transport.send(env)
         for ev in ready.events:
             self._on_event(ev)
+        self._publish_lease()
         if self.core.next_deadline() < self._timer_deadline:
             self._wake.notify_all()  # only when the timer must fire earlier than it planned
+
+    def _revoke(self, term: int | None) -> None:
+        """End leadership of ``term`` (None: whichever) for everything that acts on it."""
+        if self._published is not None and self.lease_sink is not None:
+            self.lease_sink.revoke()
+        self._published = None
+        lead = self._leadership
+        if lead is not None and term in (None, lead.term):
+            lead.lost.set()
+
+    def _publish_lease(self) -> None:
+        """Hand every extension of the lease to the sink, from the core's own state."""
+        c = self.core
+        if self.lease_sink is None or c.role is not Role.LEADER or (c.term, c.lease_until) == self._published:
+            return
+        if self._leadership is None or self._leadership.term != c.term:
+            return  # not yet acquired in this term (LeaseAcquired creates the handle)
+        self._published = (c.term, c.lease_until)
+        if self.clock is lease_clock:
+            shared = c.lease_until
+        else:
+            # An injected clock (tests): carry the remaining lease over to the shared
+            # clock, reading that one first so the result can only come out earlier.
+            base = lease_clock()
+            shared = base + (c.lease_until - self.clock())
+        self.lease_sink.publish(c.term, shared)
+
+    def _fail_stop(self, exc: BaseException, ready: Ready) -> None:
+        """The state of ``ready`` could not be made durable: send none of its messages,
+        give leadership up, and leave the cluster (fail-stop, as etcd and hashicorp/raft
+        do): the core already believes what was not saved, so nothing it says can be
+        trusted any more. Lock held."""
+        self.failure = exc
+        self.log.critical("[cluster] %s: %s; this node leaves the cluster (fail-stop: its votes and "
+                          "acknowledgements could no longer be trusted across a restart)", self.id, exc)
+        events = [ev for ev in ready.events if isinstance(ev, SteppedDown)]  # leadership this step ended
+        if self.core.role is Role.LEADER:
+            events += self.core.step_down(self.clock(), "state_not_durable").events
+        self._revoke(None)
+        for ev in events:
+            self._on_event(ev)
+        self._running = False
+        self._timer_deadline = math.inf
+        self._wake.notify_all()
+        self._committed.notify_all()
+        self._drained.notify_all()
+        self._callbacks.put(("failed", exc))
 
     def _on_event(self, ev: object) -> None:
         if isinstance(ev, RoleChanged):
@@ -300,14 +479,22 @@ class Node:
         elif isinstance(ev, SteppedDown):
             lead = self._leadership
             if lead is not None and lead.term == ev.term:
-                lead.lost.set()  # at once, before any callback runs
+                lead.lost.set()  # a handle created in this same step is lost too
             self._log_transition("stepped_down", ev.term, self.core.leader_id,
                                  reason=ev.reason, lease_until=ev.lease_until)
             if ev.had_lease:
                 self._callbacks.put(("follower", ev.term))
             self._committed.notify_all()  # wait_committed() returns False at once, not at its timeout
+            self._drained.notify_all()
         elif isinstance(ev, Committed):
             self._committed.notify_all()
+        elif isinstance(ev, VoteRefused):
+            self.log.debug("[cluster] refused %s %s for term %s: %s", ev.candidate,
+                           "a pre-vote" if ev.prevote else "a vote", ev.term, ev.reason)
+
+    def _tick(self, now: float) -> None:
+        """One timer event (the timer thread's; unit tests drive it by hand). Lock held."""
+        self._handle(self.core.tick(now))
 
     def _run_timer(self) -> None:
         with self._lock:
@@ -316,7 +503,7 @@ class Node:
                 deadline = self.core.next_deadline()
                 if now >= deadline:
                     self._timer_deadline = -math.inf  # we are awake: nobody needs to wake us
-                    self._handle(self.core.tick(now))
+                    self._tick(now)
                     continue
                 self._timer_deadline = deadline
                 self._wake.wait(deadline - now)
@@ -333,6 +520,12 @@ class Node:
                 if lead.lost.is_set() or self.on_leader is None:
                     continue  # lost before we got to it: nothing to start
                 self._invoke(self.on_leader, lead.term)
+            elif kind == "failed":
+                if self.on_failure is not None:
+                    try:
+                        self.on_failure(arg)
+                    except Exception:  # noqa: BLE001
+                        self.log.exception("[cluster] on_failure callback failed")
             elif self.on_follower is not None:
                 self._invoke(self.on_follower, arg)
 
@@ -349,7 +542,8 @@ class Node:
     def _log_transition(self, event: str, term: int, leader_id: str | None, **extra: Any) -> None:
         record = {
             "ts": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            "mono": round(self.clock(), 6),
+            "mono": round(self.clock(), 6),  # the node's clock, on which lease_until is measured
+            "boottime": round(lease_clock(), 6),  # the machine's, whatever the node's clock says
             "node": self.id,
             "event": event,
             "term": term,
@@ -364,4 +558,4 @@ class Node:
         self.log.info(text, extra={"cluster_event": record})
 
 
-__all__ = ["Node", "Leadership", "Transport", "NodeStopped"]
+__all__ = ["Node", "Leadership", "Transport", "LeaseSink", "NodeStopped"]

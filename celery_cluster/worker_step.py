@@ -8,20 +8,30 @@ lifecycle, in Celery's order:
   children - forked or spawned later - can read leadership;
 * ``start``: drop the leader queue from this worker's consumed queues, start
   the node and its HTTP server;
-* on leading: publish the lease for pool children, start consuming the leader
-  queue (``call_soon`` onto the event loop), start beat for this term, send
-  ``leader_elected``;
+* on leading: start consuming the leader queue (``call_soon`` onto the event
+  loop), start beat for this term, send ``leader_elected``;
 * on losing it: the reverse, then ``leadership_lost``;
 * ``close`` (first hook of warm and cold shutdown): stop campaigning and hand
   leadership over, while still answering votes;
 * ``stop`` / ``terminate``: stop beat, the leader queue, the node and server.
+
+The lease pool children read is not written here: the node writes every
+extension and revokes it itself, synchronously, on whichever thread gives
+leadership up (``Node._handle``). What the callbacks here do - beat, the
+leader queue - only follows, and everything they start re-checks the lease
+before it acts. The signals ``leader_elected`` and ``leadership_lost`` go out
+on a thread of their own, so a slow receiver delays nothing else.
+
+If the node fail-stops (its state file could not be written: disk full, I/O
+error), this worker stops all leader work, leaves the cluster (``GET
+/cluster/health`` says why) and keeps running ordinary tasks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import queue
 import threading
 from typing import Any
 
@@ -31,7 +41,9 @@ from celery.exceptions import ImproperlyConfigured
 
 from . import leader_state, signals
 from .beat import LeaderBeat
+from .clock import lease_clock
 from .cluster import Cluster
+from .config import default_state_dir
 from .errors import ClusterError
 from .leader_tasks import LeaderQueueRouter, is_leader_only, leader_queue_name, mark_task
 from .settings import ClusterSettings, resolve, worker_options
@@ -87,6 +99,8 @@ def _routed_leader_queue(app: Celery) -> str | None:
 class ClusterStep(bootsteps.StartStopStep):
     label = "Cluster"
     requires = ("celery.worker.components:Pool",)
+    #: The node's lease clock (tests replace it to jump time; see ``celery_cluster.clock``).
+    clock = staticmethod(lease_clock)
 
     def __init__(self, worker: Any, **options: Any) -> None:
         super().__init__(worker, **options)
@@ -97,7 +111,8 @@ class ClusterStep(bootsteps.StartStopStep):
         self.leading_term: int | None = None
         self.consuming_leader_queue = False
         self._lock = threading.Lock()
-        self._stop_publisher = threading.Event()
+        self._signals: queue.Queue[tuple[Any, int] | None] = queue.Queue()
+        self._signal_thread: threading.Thread | None = None
         try:
             self.settings: ClusterSettings | None = resolve(self.app.conf, options)
         except ClusterError as exc:
@@ -116,6 +131,14 @@ class ClusterStep(bootsteps.StartStopStep):
         if options.get("beat") and self.settings.beat:
             raise ClusterMisconfigured("celery-cluster: -B/--beat runs a second scheduler next to the cluster's "
                                        "leader-only beat; drop -B (or set --cluster-beat no)")
+        state_dir = self.settings.state_dir or str(default_state_dir(self.settings.advertise))
+        mmap_path = os.path.join(state_dir, "leader.mmap")
+        try:
+            self.leader_state = leader_state.LeaderState(mmap_path, create=True)
+        except OSError as exc:
+            raise ClusterMisconfigured(
+                f"celery-cluster: cannot create {mmap_path}: {exc.strerror or exc}: set --cluster-state-dir "
+                "to a directory this worker can write") from None
         try:
             self.cluster = Cluster(
                 self.settings.nodes,
@@ -123,18 +146,20 @@ class ClusterStep(bootsteps.StartStopStep):
                 advertise=self.settings.advertise,
                 on_leader=self._on_leader,
                 on_follower=self._on_follower,
+                on_failure=self._on_failure,
+                lease_sink=self.leader_state,
                 election_timeout=self.settings.election_timeout,
                 heartbeat_interval=self.settings.heartbeat_interval,
-                state_dir=self.settings.state_dir,
+                state_dir=state_dir,
                 secret_file=self.settings.secret_file,
+                clock=self.clock,
             )
         except ClusterError as exc:
             raise ClusterMisconfigured(f"celery-cluster: {exc}") from None
         self.cluster.status_extras = self._status_extras
+        self.cluster.health_extras = self._health_extras
         # Pool children (forked or spawned) and this process's router use what we resolved.
         os.environ["CELERY_CLUSTER_LEADER_QUEUE"] = self.settings.leader_queue
-        state_dir = self.cluster.state_dir or tempfile.mkdtemp(prefix="celery-cluster-")
-        self.leader_state = leader_state.LeaderState(os.path.join(state_dir, "leader.mmap"), create=True)
         os.environ[leader_state.ENV_VAR] = str(self.leader_state.path)  # before the pool starts children
         leader_state._shared = self.leader_state
         _mark_leader_only_tasks(self.app)
@@ -148,8 +173,10 @@ class ClusterStep(bootsteps.StartStopStep):
     def start(self, w: Any) -> None:
         assert self.cluster is not None and self.settings is not None
         self.app.amqp.queues.deselect(self.settings.leader_queue)  # followers never consume it
+        self._signal_thread = threading.Thread(target=self._send_signals, name="celery-cluster-signals",
+                                               daemon=True)
+        self._signal_thread.start()
         self.cluster.start()
-        threading.Thread(target=self._publish_lease, name="celery-cluster-lease", daemon=True).start()
 
     def close(self, w: Any) -> None:
         if self.cluster is not None:
@@ -173,24 +200,41 @@ class ClusterStep(bootsteps.StartStopStep):
             return  # already lost
         with self._lock:
             self.leading_term = term
-            self._publish_once()
             self._call_soon(self._consume_leader_queue, True)
             if self.settings.beat:
                 self.beat = LeaderBeat(self.app, self.cluster, lead)
                 self.beat.start()
         log.info("[cluster] %s leads in term %s", self.settings.advertise, term)
-        signals.leader_elected.send(sender=self.worker.hostname, term=term)
+        self._signals.put((signals.leader_elected, term))
 
     def _on_follower(self, term: int) -> None:
         with self._lock:
             was = self.leading_term
             self.leading_term = None
-            self.leader_state.clear()
             self._stop_beat()
             if was is not None:
                 self._call_soon(self._consume_leader_queue, False)
         if was is not None:
-            signals.leadership_lost.send(sender=self.worker.hostname, term=was)
+            self._signals.put((signals.leadership_lost, was))
+
+    def _on_failure(self, exc: BaseException) -> None:
+        """The node fail-stopped: it already gave leadership up; stop what followed it."""
+        self._on_follower(0)
+        log.critical("[cluster] %s left the cluster and does no leader work any more; it keeps running "
+                     "ordinary tasks. Fix the state directory and restart this worker.", self.settings.advertise
+                     if self.settings else "?")
+
+    def _send_signals(self) -> None:
+        """User receivers run here, never on a thread the election or leader work waits for."""
+        while True:
+            item = self._signals.get()
+            if item is None:
+                return
+            signal, term = item
+            try:
+                signal.send(sender=self.worker.hostname, term=term)
+            except Exception:  # noqa: BLE001 - Celery's Signal.send already logs receiver errors
+                log.exception("[cluster] error sending %s", signal.name)
 
     def _stop_beat(self) -> None:
         beat, self.beat = self.beat, None
@@ -216,38 +260,42 @@ class ClusterStep(bootsteps.StartStopStep):
             self.app.amqp.queues.deselect(queue)
             self.consuming_leader_queue = False
 
-    def _publish_lease(self) -> None:
-        assert self.cluster is not None
-        interval = self.cluster.timing.heartbeat_interval / 2
-        while not self._stop_publisher.wait(interval):
-            self._publish_once()
-
-    def _publish_once(self) -> None:
-        assert self.cluster is not None
-        lease = self.cluster.node.lease()
-        if lease is None or self.leading_term is None:
-            self.leader_state.clear()
-        else:
-            self.leader_state.publish(*lease)
-
     def _shutdown(self) -> None:
-        self._stop_publisher.set()
+        if self.cluster is not None:
+            self.cluster.node.retire()  # gives leadership up (revoking the lease) if close() did not
         with self._lock:
             was, self.leading_term = self.leading_term, None
             self._stop_beat()
-            self.leader_state.clear()
         if was is not None:  # the follower callback may not have run yet: never miss the signal
-            signals.leadership_lost.send(sender=self.worker.hostname, term=was)
+            self._signals.put((signals.leadership_lost, was))
+        self._signals.put(None)
+        if self._signal_thread is not None:
+            self._signal_thread.join(5.0)  # let receivers see leadership_lost, within bounds
         if self.cluster is not None:
             self.cluster.stop(transfer=True)
 
     def _status_extras(self) -> dict[str, Any]:
+        beat = self.beat
         return {
             "worker": self.worker.hostname,
-            "beat_running": bool(self.beat and self.beat.running),
+            "beat_enabled": bool(self.settings and self.settings.beat),
+            "beat_running": bool(beat and beat.running),
+            **(beat.status() if beat is not None else {"beat_state": "stopped", "beat_restarts": 0,
+                                                      "beat_last_error": None, "beat_last_error_at": None}),
             "leader_queue": self.settings.leader_queue if self.settings else None,
             "leader_queue_consumed": self.consuming_leader_queue,
         }
+
+    def _health_extras(self) -> list[str]:
+        """A leader whose beat is not running fails the health check: the schedule stops."""
+        if self.leading_term is None or not (self.settings and self.settings.beat):
+            return []
+        beat = self.beat
+        if beat is None or beat.status()["beat_state"] == "stopped":
+            return ["this leader's beat is not running"]
+        if beat.state.startswith("failing"):
+            return [f"this leader's beat is {beat.state}"]
+        return []
 
     def status(self) -> dict[str, Any]:
         """The cluster status plus beat and leader-queue state (also on GET /cluster/status)."""

@@ -6,9 +6,10 @@ test_celery_workers.py cover the same path end to end.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from celery import Celery
@@ -47,9 +48,17 @@ class StubLeadership:
         self.term = term
         self.lost = threading.Event()
         self.valid = True
+        self.handing_over = False
+        self.acted = 0
 
     def is_valid(self) -> bool:
         return self.valid
+
+    @contextlib.contextmanager
+    def acting(self) -> Iterator[bool]:
+        ok = self.valid and not self.handing_over
+        self.acted += ok
+        yield ok
 
 
 @pytest.fixture
@@ -96,9 +105,69 @@ def test_nothing_is_sent_that_a_majority_did_not_record(app: Celery) -> None:
     scheduler.schedule["every-second"].last_run_at = app.now() - datetime.timedelta(seconds=5)
     scheduler._heap = None
     cluster.commits = False
-    lead.valid = False  # leadership went while waiting for the commit
+
+    def lose_while_waiting(version: tuple[int, int], timeout: float) -> bool:
+        lead.valid = False  # leadership went while waiting for the commit
+        return False
+
+    cluster.wait_committed = lose_while_waiting  # type: ignore[method-assign]
     scheduler.tick()
     assert cluster.proposals and RecordingScheduler.sent == []
+
+
+def test_a_handover_under_way_leaves_the_due_run_unrecorded_for_the_successor(app: Celery) -> None:
+    """Planned handover: once it has begun, beat records nothing (the successor fires the
+    run), rather than recording a firing that nobody would publish."""
+    cluster, lead = StubCluster(), StubLeadership()
+    _, scheduler = make(app, cluster, lead)
+    scheduler.schedule["every-second"].last_run_at = app.now() - datetime.timedelta(seconds=5)
+    scheduler._heap = None
+    lead.handing_over = True
+    scheduler.tick()
+    assert cluster.proposals == [] and RecordingScheduler.sent == []
+    lead.handing_over = False
+    scheduler._heap = None
+    scheduler.tick()
+    assert len(cluster.proposals) == 1 and len(RecordingScheduler.sent) == 1
+
+
+class FailingScheduler(RecordingScheduler):
+    """A scheduler whose tick() raises for a while (a database down, say)."""
+
+    failures = 0
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        if FailingScheduler.failures:
+            FailingScheduler.failures -= 1
+            raise RuntimeError("database is down")
+        return super().tick(*args, **kwargs)
+
+
+def test_beat_is_supervised_restarted_with_backoff_and_reports_its_state(
+        app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:
+    FailingScheduler.failures = 2
+    waits: list[float] = []
+    beat = LeaderBeat(app, StubCluster(), StubLeadership(), scheduler=FailingScheduler)  # type: ignore[arg-type]
+    states: list[str] = []
+
+    def fast_wait(seconds: float) -> None:  # the back-off, recorded instead of slept
+        waits.append(seconds)
+        states.append(beat.state)
+
+    monkeypatch.setattr(beat, "_wait", fast_wait)
+    beat.RESTART_BACKOFF = (1.0, 30.0)
+    beat.start()
+    deadline = threading.Event()
+    for _ in range(500):  # poll with a deadline (5 s)
+        if beat.state == "running" and beat.restarts == 2:
+            break
+        deadline.wait(0.01)
+    beat.stop()
+    assert states[:2] == ["failing: RuntimeError: database is down"] * 2
+    assert waits[:2] == [1.0, 2.0]  # doubling back-off
+    assert beat.restarts == 2 and beat.last_error == "RuntimeError: database is down"
+    assert beat.last_error_at is not None
+    assert beat.status()["beat_state"] == "stopped"
 
 
 def test_nothing_is_sent_when_the_lease_ends_between_commit_and_publish(app: Celery) -> None:
