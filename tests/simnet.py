@@ -6,7 +6,10 @@ time, exactly like the driver's ``time.monotonic()``. The network can delay,
 drop, duplicate and reorder messages and be partitioned (symmetrically or one
 way); nodes can crash (keeping what they persisted), restart and pause (a
 paused node handles nothing, its clock keeps running, and what was sent to it
-is handled late when it resumes, as with SIGSTOP/SIGCONT).
+is handled late when it resumes, as with SIGSTOP/SIGCONT). A node's disk can
+fail on its Nth write: the node then fail-stops as the driver does - nothing
+of that step is sent, the node leaves until it is restarted (on its last
+durable state).
 
 After every event the safety invariants are checked:
 
@@ -40,6 +43,13 @@ class InvariantViolation(AssertionError):
     pass
 
 
+@dataclass(frozen=True)
+class FailStop:
+    """Event: the node's disk failed on a write; the node fail-stopped."""
+
+    node: str
+
+
 class FixedTimeout(random.Random):
     """An rng whose ``uniform`` always returns one value: for readable transcripts."""
 
@@ -70,6 +80,7 @@ class SimNode:
     tick_at: float = -1.0
     rng: random.Random | None = None
     backlog: list[Any] = field(default_factory=list)  # messages that arrived while paused
+    writes_left: int | None = None  # the disk fails on the write after this many more
 
     def local(self, t: float) -> float:
         return self.offset + self.rate * t
@@ -146,6 +157,13 @@ class Sim:
         n = self.nodes[node_id]
         n.paused_until = max(n.paused_until, self.t + duration)
         self._push(n.paused_until, "resume", node_id)
+
+    def fail_disk(self, node_id: str, after: int = 0) -> None:
+        """``node_id``'s disk fails on its write after ``after`` more successful ones."""
+        self.nodes[node_id].writes_left = after
+
+    def fix_disk(self, node_id: str) -> None:
+        self.nodes[node_id].writes_left = None
 
     def set_hard_state(self, node_id: str, **changes: Any) -> None:
         """Rewrite a crashed node's persisted state (e.g. a higher term), then restart it."""
@@ -259,6 +277,13 @@ class Sim:
     def _apply(self, n: SimNode, ready: Ready) -> None:
         core = n.core
         assert core is not None
+        if ready.hard_state is not None and n.writes_left is not None:
+            if n.writes_left == 0:
+                # Fail-stop (Node._fail_stop): nothing of this step leaves, the node is gone.
+                self.events.append((self.t, n.id, FailStop(n.id)))
+                self.crash(n.id)
+                return
+            n.writes_left -= 1
         if ready.hard_state is not None:
             n.disk = ready.hard_state  # persisted before anything is sent
         if core.role is Role.LEADER:
@@ -324,5 +349,5 @@ def propose_next(core: Election, now: float) -> tuple[tuple[int, int], Ready]:
     return core.propose(f"p{core.term}.{core.version[1] + 1}", now)
 
 
-__all__ = ["Sim", "InvariantViolation", "FixedTimeout", "propose_next", "proposal_version",
+__all__ = ["Sim", "InvariantViolation", "FailStop", "FixedTimeout", "propose_next", "proposal_version",
            "LeaseAcquired", "SteppedDown"]

@@ -28,6 +28,9 @@ Driving the cluster::
     campaign n2                     n2's election timer fires now. Realistic only for a node
                                     that heard no leader for the minimum election timeout:
                                     a real timer never fires sooner (the lease relies on it)
+    disk-fail n2 [after=N]          n2's disk fails on its write after N more (default 0): it
+                                    fail-stops (sends nothing of that step, goes down);
+                                    'restart n2' brings it back on what it had saved
     retire n1                       n1 shuts down: keeps voting, never campaigns or leads again
     propose n1 [fails TEXT]         the leader replaces the payload with "p<term>.<seq>"
     transfer n1 [to n2] [fails TEXT]  leadership transfer (TimeoutNow)
@@ -73,7 +76,7 @@ import pytest
 from celery_cluster import messages
 from celery_cluster.election import (Committed, Election, LeaseAcquired, Role, RoleChanged, SteppedDown,
                                      VoteRefused)
-from tests.simnet import FixedTimeout, Sim, propose_next
+from tests.simnet import FailStop, FixedTimeout, Sim, propose_next
 
 DATA = Path(__file__).parent / "testdata"
 
@@ -128,7 +131,7 @@ def event_kind(ev: Any) -> str:
     if isinstance(ev, RoleChanged):
         return ev.role.value.replace("_", "-")
     return {LeaseAcquired: "lease", SteppedDown: "stepped-down", Committed: "committed",
-            VoteRefused: "refused"}[type(ev)]
+            VoteRefused: "refused", FailStop: "fail-stop"}[type(ev)]
 
 
 def matches(obj: Any, want: dict[str, Any]) -> bool:
@@ -154,7 +157,7 @@ def fmt(v: Any) -> str:
 
 def show(obj: Any) -> str:
     """One event or message, written the way a transcript would match it."""
-    if isinstance(obj, (RoleChanged, LeaseAcquired, SteppedDown, Committed, VoteRefused)):
+    if isinstance(obj, (RoleChanged, LeaseAcquired, SteppedDown, Committed, VoteRefused, FailStop)):
         detail = {("leader" if k == "leader_id" else k): v for k, v in vars(obj).items()
                   if k not in ("role", "lease_until")}
         return f"{event_kind(obj)} " + " ".join(f"{k}={fmt(v)}" for k, v in detail.items())
@@ -309,7 +312,8 @@ class Scenario:
 
     def cmd_restart(self, args: list[str]) -> None:
         for a in args:
-            self.s.restart(self.node(a))
+            self.s.fix_disk(self.node(a))
+            self.s.restart(a)
 
     def cmd_pause(self, args: list[str]) -> None:
         self.live(args[0])
@@ -377,6 +381,10 @@ class Scenario:
     def cmd_campaign(self, args: list[str]) -> None:
         self.live(args[0])
         self.s.force_timeout(args[0])
+
+    def cmd_disk_fail(self, args: list[str]) -> None:
+        self.live(args[0])
+        self.s.fail_disk(args[0], after=int(keyvals(args[1:]).get("after", 0)))
 
     def cmd_retire(self, args: list[str]) -> None:
         self.live(args[0])

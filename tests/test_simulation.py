@@ -2,7 +2,9 @@
 
 Each example draws a cluster size, clock rates within the drift bound and a
 list of faults (crash/restart, symmetric and one-way partitions, pauses,
-drop/duplicate/delay bursts, proposals, leadership transfers). The safety
+drop/duplicate/delay bursts, proposals, leadership transfers, a disk that
+fails on its Nth write - the node fail-stops and is restarted when the fault
+ends). The safety
 invariants are checked after every simulated event; at the end the network is
 healed and, after staying stable for 2x the maximum election timeout, exactly
 one node must hold the lease and keep it.
@@ -48,6 +50,7 @@ def fault_strategy(n: int) -> st.SearchStrategy:
                                                  st.one_of(st.floats(0.001, 0.4), st.floats(0.4, 3.0))), length),
         st.tuples(st.just("transfer"), at),
         st.tuples(st.just("higher_term"), at, node, st.integers(1, 5)),
+        st.tuples(st.just("disk"), at, node, length, st.integers(0, 4)),
     )
 
 
@@ -98,6 +101,8 @@ def run_schedule(schedule: dict) -> None:
     # Heal everything, bring every node back, then let it settle.
     sim.heal()
     for i in ids:
+        sim.fix_disk(i)
+    for i in ids:
         if sim.nodes[i].core is None:
             sim.start(i)
     # Stable from the moment the last paused node resumes.
@@ -120,7 +125,7 @@ def resolve_leader(sim: Sim, ids: list[str], action: tuple) -> tuple:
                    and sim.core(i).role.value == "leader"), 0)
     def fix(x):
         return leader if x == n else x
-    if action[0] in ("crash", "pause", "higher_term"):
+    if action[0] in ("crash", "pause", "higher_term", "disk"):
         return (*action[:2], fix(action[2]), *action[3:])
     if action[0] in ("oneway", "cut", "slow"):
         return (*action[:2], (fix(action[2][0]), fix(action[2][1]), *action[2][2:]), *action[3:])
@@ -161,6 +166,8 @@ def apply_action(sim: Sim, ids: list[str], action: tuple) -> None:
                     sim.call(i, lambda c, now: c.transfer_leadership(now))
                 except Exception:  # noqa: BLE001 - TransferError when no peer is reachable
                     pass
+    elif kind == "disk":
+        sim.fail_disk(ids[action[2]], after=action[4])
     elif kind == "higher_term":
         node = ids[action[2]]
         if sim.nodes[node].core is not None:
@@ -171,8 +178,10 @@ def apply_action(sim: Sim, ids: list[str], action: tuple) -> None:
                 sim.call(i, propose_next)
     elif kind == "end":
         fault = action[1]
-        if fault[0] == "crash" and sim.nodes[ids[fault[2]]].core is None:
+        if fault[0] in ("crash", "disk") and sim.nodes[ids[fault[2]]].core is None:
             sim.start(ids[fault[2]])
+        if fault[0] == "disk":
+            sim.fix_disk(ids[fault[2]])
         elif fault[0] in ("partition", "oneway", "cut"):
             sim.blocked.clear()
         elif fault[0] == "slow":
