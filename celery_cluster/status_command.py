@@ -21,8 +21,12 @@ row per answering worker::
   ``{"enabled": false}``); ``error``: the worker could not answer (for example
   it never imported ``celery_cluster``).
 
+* BEAT: ``yes`` / ``no``; ``FAILING`` when beat keeps failing on that worker
+  (it is restarted with back-off; the error is in the summary).
+
 ``--json`` prints the raw replies (``{worker: status}``). No reply at all within
-``--timeout`` exits with status 1.
+``--timeout`` exits with status 1; a leader whose beat is not running (the
+schedule has stopped although the cluster has a leader) exits with status 2.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from celery.exceptions import CeleryCommandException
 
 INSPECT_COMMAND = "cluster_status"
 EXIT_NO_REPLY = 1
+EXIT_BEAT_DOWN = 2
 
 HEADERS = ("NODE", "ROLE", "TERM", "LEADER", "LAST CONTACT (ms)", "BEAT", "LEADER QUEUE")
 
@@ -58,6 +63,25 @@ def _fmt_ms(value: Any) -> str:
 
 def _yes_no(value: Any) -> str:
     return "yes" if value else "no"
+
+
+def _beat(reply: Mapping[str, Any]) -> str:
+    if str(reply.get("beat_state") or "").startswith("failing"):
+        return "FAILING"
+    return _yes_no(reply.get("beat_running"))
+
+
+def beat_problems(replies: Mapping[str, Any]) -> list[str]:
+    """"<worker> (<address>): <what is wrong>" for every leader whose beat is not running."""
+    problems = []
+    for worker, reply in sorted(replies.items()):
+        if (isinstance(reply, dict) and reply.get("enabled") and reply.get("is_leader")
+                and reply.get("beat_enabled", True) and not reply.get("beat_running")):
+            state = reply.get("beat_state") or "not running"
+            if reply.get("beat_restarts"):
+                state += f", {reply['beat_restarts']} restarts"
+            problems.append(f"{worker} ({reply.get('id')}): beat {state}")
+    return problems
 
 
 def _leader_views(replies: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -113,7 +137,7 @@ def build_rows(replies: Mapping[str, Any]) -> list[tuple[str, ...]]:
             str(reply.get("term", "-")),
             str(reply.get("leader_id") or "-"),
             _fmt_ms(contact),
-            _yes_no(reply.get("beat_running")),
+            _beat(reply),
             _yes_no(reply.get("leader_queue_consumed")),
         )))
     for address in sorted(known - answered):
@@ -141,7 +165,11 @@ def summary(replies: Mapping[str, Any]) -> str:
         return head + ("; no leader among them" if enabled else "; leader election is off on all of them")
     names = {str(r.get("id")): w for w, r in replies.items() if isinstance(r, dict) and r.get("id")}
     parts = [f"{names.get(addr, '?')} ({addr}), term {view.get('term')}" for addr, view in sorted(leaders.items())]
-    return f"{head}; leader: " + "; ".join(parts)
+    text = f"{head}; leader: " + "; ".join(parts)
+    problems = beat_problems(replies)
+    if problems:
+        text += "\nWARNING: leader has no running beat (the schedule is not being sent): " + "; ".join(problems)
+    return text
 
 
 @click.group(name="cluster")
@@ -175,10 +203,12 @@ def status(ctx: click.Context, timeout: float, destination: list[str] | None, as
         )
     if as_json:
         ctx.obj.echo(_json.dumps(replies, indent=2, sort_keys=True, default=str))
-        return
-    ctx.obj.echo(format_table(build_rows(replies)))
-    if not ctx.obj.quiet:
-        ctx.obj.echo("\n" + summary(replies))
+    else:
+        ctx.obj.echo(format_table(build_rows(replies)))
+        if not ctx.obj.quiet:
+            ctx.obj.echo("\n" + summary(replies))
+    if beat_problems(replies):
+        ctx.exit(EXIT_BEAT_DOWN)
 
 
-__all__ = ["cluster", "status", "request_status", "build_rows", "format_table", "summary"]
+__all__ = ["cluster", "status", "request_status", "build_rows", "format_table", "summary", "beat_problems"]

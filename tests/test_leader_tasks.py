@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from celery.exceptions import Ignore, Reject
 from celery_cluster import LeaderOnlyTask, fencing_token, install, leader_only
 from celery_cluster import leader_state
 from celery_cluster.beat import decode_schedule, encode_schedule
+from celery_cluster.clock import lease_clock
 from celery_cluster.leader_tasks import LeaderQueueRouter, is_leader_only
 
 
@@ -70,9 +70,9 @@ def test_body_runs_with_the_fencing_token_only_while_the_lease_holds(
     def work(x: int) -> tuple[int, int | None]:
         return x, fencing_token()
 
-    shared_state.publish(4, time.monotonic() + 30)
+    shared_state.publish(4, lease_clock() + 30)
     assert work.run(1) == (1, 4)
-    shared_state.publish(4, time.monotonic() - 0.01)  # lease over: the body must not run
+    shared_state.publish(4, lease_clock() - 0.01)  # lease over: the body must not run
     with pytest.raises((Reject, Ignore)):
         work.run(2)
 

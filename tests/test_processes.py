@@ -7,7 +7,7 @@ deadline"; the only pauses are short gaps between polling sweeps.
 Leadership overlap is judged from the JSON logs, not from polling (a sweep is not an
 instant): every ``leader`` event opens an interval at its ``mono`` and the matching
 ``stepped_down`` closes it at its ``lease_until`` (or the process's death closes it).
-All processes share one machine, so ``time.monotonic()`` is one clock for all of them.
+All processes share one machine, so ``lease_clock()`` (CLOCK_BOOTTIME) is one clock for all of them.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from celery_cluster.auth import Signer
+from celery_cluster.clock import lease_clock
 from celery_cluster.messages import AppendEntries, VoteRequest, encode
 from celery_cluster.state_file import StateFile
 from tests.support import HOST, die_with_parent, free_ports
@@ -154,7 +155,7 @@ class Harness:
         m.stopped = False
 
     def wait_up(self, group: Sequence[Member]) -> float:
-        deadline = time.monotonic() + STARTUP_DEADLINE
+        deadline = lease_clock() + STARTUP_DEADLINE
         pending = list(group)
         while pending:
             for m in list(pending):
@@ -166,9 +167,9 @@ class Harness:
                 if status(m.addr) is not None:
                     pending.remove(m)
             if pending:
-                assert time.monotonic() < deadline, f"nodes never answered: {[m.addr for m in pending]}"
+                assert lease_clock() < deadline, f"nodes never answered: {[m.addr for m in pending]}"
                 time.sleep(POLL_GAP)
-        return time.monotonic()
+        return lease_clock()
 
     def signal(self, m: Member, sig: int) -> None:
         m.run.proc.send_signal(sig)
@@ -185,7 +186,7 @@ class Harness:
             run.proc.kill()
         run.proc.wait(10)
         if run.ended_at is None:
-            run.ended_at = time.monotonic()
+            run.ended_at = lease_clock()
         m.stopped = False
         return run.ended_at
 
@@ -194,7 +195,7 @@ class Harness:
             rc = m.run.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
-        m.run.ended_at = time.monotonic()
+        m.run.ended_at = lease_clock()
         return rc
 
     def close(self) -> None:
@@ -239,15 +240,15 @@ class Harness:
             result = cond(last)
             if result:
                 return result
-            if time.monotonic() > deadline:
+            if lease_clock() > deadline:
                 brief = {a: (s["state"], s["term"], s["is_leader"], s["leader_address"]) for a, s in last.items()}
                 pytest.fail(f"timed out waiting for {what}; last sweep: {brief}")
             time.sleep(POLL_GAP)
 
     def hold(self, group: Sequence[Member], cond: Callable[[Sweep], Any], seconds: float, what: str) -> None:
         """Keep sweeping for ``seconds``; ``cond`` must hold in every sweep."""
-        until = time.monotonic() + seconds
-        while time.monotonic() < until:
+        until = lease_clock() + seconds
+        while lease_clock() < until:
             sw = self.sweep(group)
             assert cond(sw), f"{what} stopped holding: {sw}"
             time.sleep(POLL_GAP)
@@ -372,7 +373,7 @@ def test_paused_leader_resumes_without_claiming_leadership(harness: Harness) -> 
     old, term = harness.wait_for(group, one_leader(group), up + 2 * MAX_TIMEOUT, "first leader")
     old_m = by_addr(group, old)
     harness.signal(old_m, signal.SIGSTOP)
-    stopped_at = time.monotonic()
+    stopped_at = lease_clock()
     # A status request queued while the process is frozen: the very first thing it may answer.
     host, port = old.rsplit(":", 1)
     queued = http.client.HTTPConnection(host, int(port), timeout=5)
@@ -383,7 +384,7 @@ def test_paused_leader_resumes_without_claiming_leadership(harness: Harness) -> 
     assert new != old and new_term > term
     # Stay paused longer than the maximum election timeout, watching the new leader meanwhile.
     harness.hold(group, lambda sw: new in sw and sw[new]["is_leader"],
-                 max(0.0, stopped_at + 1.2 * MAX_TIMEOUT - time.monotonic()), "the new leader")
+                 max(0.0, stopped_at + 1.2 * MAX_TIMEOUT - lease_clock()), "the new leader")
 
     harness.signal(old_m, signal.SIGCONT)
     right_after = status(old, timeout=5)
@@ -397,7 +398,7 @@ def test_paused_leader_resumes_without_claiming_leadership(harness: Harness) -> 
         return bool(s) and s["state"] == "follower" and s["leader_address"] == new and not s["is_leader"] \
             and stepped_down(old_m, term) is not None
 
-    harness.wait_for(group, old_follows, time.monotonic() + 2 * MAX_TIMEOUT, "the old leader to follow")
+    harness.wait_for(group, old_follows, lease_clock() + 2 * MAX_TIMEOUT, "the old leader to follow")
     down = stepped_down(old_m, term)
     assert down is not None and down["reason"] in ("lease_expired", "lost_quorum", "higher_term"), down
     new_lease = next(ev for _, ev in by_addr(group, new).events()
@@ -429,7 +430,7 @@ def test_rejoining_follower_with_higher_term_does_not_depose_leader(harness: Har
         got = one_leader(group)(sw)
         return got if got and got[0] == leader and got[1] >= term + 5 else None
 
-    _, new_term = harness.wait_for(group, rejoined, time.monotonic() + 2 * MAX_TIMEOUT + 1.0,
+    _, new_term = harness.wait_for(group, rejoined, lease_clock() + 2 * MAX_TIMEOUT + 1.0,
                                    "the same leader, followed by the rejoined node")
     harness.hold(group, lambda sw: one_leader(group)(sw) == (leader, new_term), MAX_TIMEOUT,
                  "the leader after the rejoin")
@@ -443,7 +444,7 @@ def test_rejoining_follower_with_higher_term_does_not_depose_leader(harness: Har
 def test_stepdown_hands_over(harness: Harness) -> None:
     group, up = harness.start_cluster(3)
     old, term = harness.wait_for(group, one_leader(group), up + 2 * MAX_TIMEOUT, "first leader")
-    t0 = time.monotonic()
+    t0 = lease_clock()
     code, body = http_request(old, "POST", "/cluster/stepdown", body=b"")
     assert code == 200, body
     target = json.loads(body)["transferred_to"]
@@ -496,11 +497,11 @@ def test_sigterm_leader_exits_zero_and_hands_over(harness: Harness) -> None:
     old, term = harness.wait_for(group, one_leader(group), up + 2 * MAX_TIMEOUT, "first leader")
     old_m = by_addr(group, old)
     rest = [m for m in group if m is not old_m]
-    t0 = time.monotonic()
+    t0 = lease_clock()
     harness.signal(old_m, signal.SIGTERM)
     # Watch the others while the old leader is still shutting down (it may answer meanwhile).
     new, new_term = harness.wait_for(rest, one_leader(rest), t0 + 1.0, "a new leader right after SIGTERM")
-    rc = harness.wait_exit(old_m, max(0.0, t0 + 2.0 - time.monotonic()))
+    rc = harness.wait_exit(old_m, max(0.0, t0 + 2.0 - lease_clock()))
     assert rc == 0, f"leader did not exit 0 within 2 s of SIGTERM (rc={rc})"
     assert new != old and new_term > term
     down = stepped_down(old_m, term)

@@ -30,7 +30,7 @@ from celery.contrib.testing.worker import start_worker
 from click.testing import CliRunner
 
 from celery_cluster import status_command
-from celery_cluster.status_command import build_rows, format_table, summary
+from celery_cluster.status_command import EXIT_BEAT_DOWN, beat_problems, build_rows, format_table, summary
 from tests import support
 from tests.support import HOST, claim_redis_db, free_port, isolated_celery_state
 
@@ -43,12 +43,22 @@ CELERY = Path(sys.executable).with_name("celery")
 APP_MODULE = textwrap.dedent("""
     import os
     from celery import Celery
+    from celery.beat import Scheduler
     from celery_cluster import install
 
     app = Celery("cc_status_app", broker=os.environ["CC_STATUS_TEST_BROKER"])
     app.conf.worker_hijack_root_logger = False
     app.conf.broker_connection_retry_on_startup = False
+    app.conf.beat_scheduler = f"{__name__}:FlakyScheduler"
     install(app)
+
+    class FlakyScheduler(Scheduler):
+        # A user's scheduler whose storage can go down: tick() raises while the file exists.
+
+        def tick(self, *args, **kwargs):
+            if os.path.exists(os.environ.get("CC_STATUS_BEAT_DOWN", "/nonexistent")):
+                raise RuntimeError("the schedule database is down")
+            return super().tick(*args, **kwargs)
 """)
 
 
@@ -173,6 +183,20 @@ def test_lapsed_lease_and_only_off_workers() -> None:
     assert summary(off) == "1 worker replied; leader election is off on all of them"
 
 
+def test_a_leader_whose_beat_is_failing_is_flagged() -> None:
+    failing = dict(THREE)
+    failing["celery@a"] = {**THREE["celery@a"], "beat_running": False, "beat_enabled": True,
+                           "beat_state": "failing: OperationalError: database is locked", "beat_restarts": 3}
+    assert build_rows(failing)[0][5] == "FAILING"
+    assert beat_problems(failing) == [f"celery@a ({A}): beat failing: OperationalError: database is locked, "
+                                      "3 restarts"]
+    assert summary(failing).splitlines()[1].startswith("WARNING: leader has no running beat")
+    # A follower without beat is normal, and so is a leader with the cluster's beat switched off.
+    off = dict(THREE)
+    off["celery@a"] = {**THREE["celery@a"], "beat_running": False, "beat_enabled": False}
+    assert beat_problems(off) == [] and beat_problems(THREE) == []
+
+
 # -- the click command (in process; the inspect call is replaced) -------------------------
 
 
@@ -221,6 +245,16 @@ def test_command_no_reply_exits_1(memory_app_module: str, monkeypatch: pytest.Mo
         assert "No workers replied to `cluster_status` within 0.1s" in result.output
 
 
+def test_command_exits_2_when_the_leader_has_no_running_beat(memory_app_module: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    down = {**THREE, "celery@a": {**THREE["celery@a"], "beat_running": False, "beat_state": "stopped"}}
+    monkeypatch.setattr(status_command, "request_status", lambda app, timeout=1.0, destination=None: down)
+    for extra in ((), ("--json",)):
+        result = _invoke(memory_app_module, *extra)
+        assert result.exit_code == EXIT_BEAT_DOWN, result.output
+    assert "WARNING: leader has no running beat" in _invoke(memory_app_module).output
+
+
 def test_entry_point_is_registered() -> None:
     eps = [ep for ep in entry_points(group="celery.commands") if ep.name == "cluster"]
     assert [ep.value for ep in eps] == ["celery_cluster.status_command:cluster"]
@@ -263,6 +297,46 @@ def test_cli_against_a_leader_worker(app_module: tuple[str, Any], tmp_path: Path
         assert row.split() == [worker.hostname, f"({worker.cluster_addr})", "leader", str(term),
                                worker.cluster_addr, "-", "yes", "yes"]
         assert f"leader: {worker.hostname} ({worker.cluster_addr}), term {term}" in proc.stdout
+
+
+def test_cli_and_health_flag_a_leader_whose_beat_keeps_failing(app_module: tuple[str, Any], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beat dies in the scheduler (its storage is down): the worker still leads, but the
+    health endpoint answers 503 with the reason, `cluster status` flags it and exits 2;
+    once the storage is back, the supervisor's restart makes it healthy again."""
+    module, app = app_module
+    down = tmp_path / "beat-down"
+    monkeypatch.setenv("CC_STATUS_BEAT_DOWN", str(down))
+    with worker_on(app, tmp_path, cluster=True) as worker:
+        step = worker.cluster_step
+        wait_for(lambda: step.status()["is_leader"] and step.status()["beat_running"], "the worker to lead")
+        assert health(worker.cluster_addr) == (200, [])
+        down.touch()
+        wait_for(lambda: step.status()["beat_state"].startswith("failing"), "beat to fail")
+        code, reasons = health(worker.cluster_addr)
+        assert code == 503 and reasons == ["this leader's beat is failing: RuntimeError: the schedule database is down"]
+        proc = run_cli(module, tmp_path, "--timeout", "2")
+        assert proc.returncode == EXIT_BEAT_DOWN, (proc.stdout, proc.stderr)
+        assert "WARNING: leader has no running beat" in proc.stdout and "FAILING" in proc.stdout
+        assert step.status()["is_leader"]  # it still leads: the operator is told, not left guessing
+        down.unlink()
+        wait_for(lambda: step.status()["beat_state"] == "running", "beat to recover after its back-off")
+        assert step.status()["beat_restarts"] >= 1 and step.status()["beat_last_error"]
+        assert health(worker.cluster_addr) == (200, [])
+        assert run_cli(module, tmp_path, "--timeout", "2").returncode == 0
+
+
+def health(addr: str) -> tuple[int, list[str]]:
+    import http.client
+
+    host, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", "/cluster/health")
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())["reasons"]
+    finally:
+        conn.close()
 
 
 def test_cli_against_a_worker_without_cluster(app_module: tuple[str, Any], tmp_path: Path) -> None:
