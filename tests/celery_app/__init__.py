@@ -13,8 +13,11 @@ import (the worker imports this module before it parses its options):
 ``CC_TEST_RECORD``          the record file (JSON lines, appended with O_APPEND)
 ``CC_TEST_NODE``            this worker's short name (``w1``), stamped on every record
 ``CC_TEST_TRANSPORT_OPTIONS`` JSON object for ``broker_transport_options`` (optional)
+``CC_TEST_SLOW_ELECTED``    seconds the ``leader_elected`` receiver takes (a slow user receiver)
 
-Records (one JSON object per line, one ``os.write`` each):
+Records (one JSON object per line, one ``os.write`` each), each stamped with ``t``
+(wall clock), ``mono`` (``time.monotonic()``), ``boot`` (the lease clock, CLOCK_BOOTTIME),
+``node`` and ``pid``:
 
 * ``beat_sent``: written in the *sending* process (the leader's beat thread) after a
   beat message carrying the ``cluster_term`` header was published: send time, sender,
@@ -43,6 +46,7 @@ from celery import Celery, signals
 
 from celery_cluster import fencing_token, install, leader_only
 from celery_cluster import leader_state
+from celery_cluster.clock import lease_clock
 from celery_cluster import signals as cluster_signals
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/15"
@@ -56,8 +60,8 @@ def record(kind: str, **fields: Any) -> None:
     path = os.environ.get("CC_TEST_RECORD")
     if not path:
         return
-    fields = {"kind": kind, "t": time.time(), "mono": time.monotonic(), "node": _node(), "pid": os.getpid(),
-              **fields}
+    fields = {"kind": kind, "t": time.time(), "mono": time.monotonic(), "boot": lease_clock(), "node": _node(),
+              "pid": os.getpid(), **fields}
     line = (json.dumps(fields, separators=(",", ":"), default=str) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -167,7 +171,8 @@ def create_app_from_env() -> Celery:
 def _beat_sent(sender: Any = None, headers: dict | None = None, **kwargs: Any) -> None:
     if headers and "cluster_term" in headers and "cc_sent_at" in headers:
         record("beat_sent", task=sender, id=headers.get("id"), cluster_term=headers["cluster_term"],
-               sent_at=headers["cc_sent_at"], sent_term=headers.get("cc_sent_term"))
+               cluster_run=headers.get("cluster_run"), sent_at=headers["cc_sent_at"],
+               sent_term=headers.get("cc_sent_term"))
 
 
 @signals.before_task_publish.connect(weak=False)
@@ -198,6 +203,9 @@ def _postrun(sender: Any = None, task_id: str | None = None, args: Any = None, s
 @cluster_signals.leader_elected.connect(weak=False)
 def _elected(sender: Any = None, term: int | None = None, **kwargs: Any) -> None:
     record("elected", hostname=sender, term=term)
+    slow = float(os.environ.get("CC_TEST_SLOW_ELECTED") or 0)
+    if slow:
+        time.sleep(slow)  # a user's receiver doing real work: must delay nothing that matters
 
 
 @cluster_signals.leadership_lost.connect(weak=False)
