@@ -8,6 +8,16 @@ per loopback request), bounded request size.
 Every body is validated before it reaches the node: oversized → 413, unsigned
 or wrongly signed (when a secret is set) → 401, malformed → 400, a sender that
 is not a configured member → 403. None of these change any state.
+
+One framing rule for every request on every path - the peer RPC fast path,
+the Flask routes behind the embedded server, the blueprint in your own app
+(:func:`body_length`): ``Transfer-Encoding`` (chunked) → 411, send a
+Content-Length; a Content-Length that is not one decimal number → 400; one
+above :data:`MAX_BODY` → 413, and the body is not read; no Content-Length → an
+empty body (RFC 9112 §6.3). One close rule for the embedded server
+(:func:`closes_connection`): it closes the connection after refusing the
+framing itself (it no longer knows where the next request starts) and after
+a 5xx; every other answer, refusals included, keeps it open.
 """
 
 from __future__ import annotations
@@ -45,6 +55,38 @@ _RPC = {
     "appendentries": (AppendEntries, None),
     "timeoutnow": (TimeoutNow, None),
 }
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str, *, framing: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.framing = framing  # the request's framing itself was refused
+
+
+def body_length(headers: Any) -> int:
+    """The request body's length under the one framing rule (module docstring); a refusal
+    is a :class:`_Reject` with ``framing`` set."""
+    if headers.get("Transfer-Encoding") is not None:
+        raise _Reject(411, f"send the body with a Content-Length (at most {MAX_BODY} bytes), not "
+                           "Transfer-Encoding", framing=True)
+    values = set(headers.getlist("Content-Length")) if hasattr(headers, "getlist") else {headers.get("Content-Length")}
+    values.discard(None)
+    if not values:
+        return 0
+    raw = values.pop().strip() if len(values) == 1 else ""
+    if not raw.isascii() or not raw.isdigit():
+        raise _Reject(400, "Content-Length must be one decimal number of bytes", framing=True)
+    length = int(raw)
+    if length > MAX_BODY:
+        raise _Reject(413, f"body too large: at most {MAX_BODY} bytes", framing=True)
+    return length
+
+
+def closes_connection(status: int, rejected: _Reject | None = None) -> bool:
+    """The one close rule of the embedded server (module docstring)."""
+    return (rejected is not None and rejected.framing) or status >= 500
 
 
 def _error(status: int, message: str) -> Response:
@@ -110,10 +152,8 @@ def make_blueprint(node: Node, signer: Signer | None = None,
     bp.rpc_endpoint = endpoint  # type: ignore[attr-defined] - the embedded server's fast path uses it
 
     def read_body() -> bytes:
-        length = request.content_length
-        if length is None or length > MAX_BODY:
-            raise _Reject(413 if length else 411, f"body must have a Content-Length of at most {MAX_BODY} bytes")
-        body = request.get_data(cache=True)
+        length = body_length(request.headers)
+        body = request.get_data(cache=True) if length else b""
         if len(body) > MAX_BODY:
             raise _Reject(413, "body too large")
         return body
@@ -147,7 +187,7 @@ def make_blueprint(node: Node, signer: Signer | None = None,
     @bp.route("/stepdown", methods=["POST", "PUT"])
     def stepdown() -> Response:
         try:
-            body = read_body() if request.content_length else b""
+            body = read_body()
             endpoint.authenticate(request.method, request.path, request.headers, body)
             target = None
             if body:
@@ -168,20 +208,18 @@ def make_blueprint(node: Node, signer: Signer | None = None,
     return bp
 
 
-class _Reject(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 class _KeepAliveHandler(WSGIRequestHandler):
     """HTTP/1.1 keep-alive with TCP_NODELAY: one connection per peer, ~0.2 ms a request.
 
     werkzeug's own ``run_wsgi`` closes every connection and, after each
     response, drains whatever the socket holds - on a kept-alive connection
     that would swallow the next request. This one bounds the body to its
-    Content-Length, consumes it fully, and closes only after errors.
+    Content-Length, consumes it fully, and closes only as the close rule says.
+
+    It relies on werkzeug internals - ``WSGIRequestHandler.make_environ`` reading
+    ``self.headers``, ``LimitedStream.exhaust`` - hence the pinned werkzeug range
+    in ``pyproject.toml`` (3.1.x); ``tests/test_http.py`` and
+    ``tests/test_fuzz_routes.py`` check this handler against it.
     """
 
     protocol_version = "HTTP/1.1"
@@ -228,17 +266,12 @@ class _KeepAliveHandler(WSGIRequestHandler):
             if name in _RPC:
                 self._fast_rpc(rpc, name)
                 return
-        environ = self.make_environ()
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
-        if length < 0 or length > MAX_BODY or chunked:
-            self._respond(413 if length > MAX_BODY else 400, [("Content-Type", "application/json")],
-                          json.dumps({"error": f"need a Content-Length of at most {MAX_BODY} bytes"}).encode(),
-                          close=True)
+            length = body_length(self.headers)
+        except _Reject as rej:
+            self._refuse(rej)
             return
+        environ = self.make_environ()
         body = LimitedStream(self.rfile, length)
         environ["wsgi.input"] = body
         environ["wsgi.input_terminated"] = True
@@ -263,23 +296,25 @@ class _KeepAliveHandler(WSGIRequestHandler):
             chunks = [b'{"error": "internal error"}']
         status, headers = result
         code = int(status.split(" ", 1)[0])
-        self._respond(code, headers, b"".join(chunks), close=code >= 400 and code != 401 and code != 409)
+        self._respond(code, headers, b"".join(chunks), close=closes_connection(code))
 
     def _fast_rpc(self, rpc: RpcEndpoint, name: str) -> None:
         """Peer RPCs skip WSGI and Flask: the hot path of every heartbeat."""
         try:
-            length = int(self.headers.get("Content-Length") or -1)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY or "Transfer-Encoding" in self.headers:
-            self._respond(413 if length > MAX_BODY else 411, [("Content-Type", "application/json")],
-                          json.dumps({"error": f"need a Content-Length of at most {MAX_BODY} bytes"}).encode(),
-                          close=True)
+            length = body_length(self.headers)
+        except _Reject as rej:
+            self._refuse(rej)
             return
         body = self.rfile.read(length)
         code, data = rpc(name, "POST", self.path, self.headers, body, self.client_address[0])
         self._respond(code, [("Content-Type", "application/json")] if data else [], data,
-                      close=code >= 400 and code not in (401, 403, 409))
+                      close=closes_connection(code))
+
+    def _refuse(self, rej: _Reject) -> None:
+        log.warning("[cluster] refused %s %s from %s: %s", self.command, self.path, self.client_address[0],
+                    rej.message)
+        self._respond(rej.status, [("Content-Type", "application/json")],
+                      json.dumps({"error": rej.message}).encode(), close=closes_connection(rej.status, rej))
 
     def _respond(self, code: int, headers: list[tuple[str, str]], data: bytes, *, close: bool) -> None:
         self.send_response(code)

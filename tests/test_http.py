@@ -320,14 +320,17 @@ def _request_head(endpoint: str, *headers: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-RAW_CASES: dict[str, Callable[[str, bytes], tuple[bytes, int | None]]] = {
+RAW_CASES: dict[str, Callable[[str, bytes], tuple[bytes, int]]] = {
     # The body is not even sent: the header alone must be enough to refuse it.
     "oversized": lambda ep, body: (_request_head(ep, f"Content-Length: {MAX_BODY + 1}"), 413),
-    "no-content-length": lambda ep, body: (_request_head(ep, "Connection: close") + body, None),
+    # No Content-Length: an empty body (RFC 9112), which is not a valid message.
+    "no-content-length": lambda ep, body: (_request_head(ep, "Connection: close") + body, 400),
     "chunked": lambda ep, body: (_request_head(ep, "Transfer-Encoding: chunked")
-                                 + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n", None),
-    "bad-content-length": lambda ep, body: (_request_head(ep, "Content-Length: twelve") + body, None),
-    "negative-content-length": lambda ep, body: (_request_head(ep, "Content-Length: -5") + body, None),
+                                 + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n", 411),
+    "bad-content-length": lambda ep, body: (_request_head(ep, "Content-Length: twelve") + body, 400),
+    "negative-content-length": lambda ep, body: (_request_head(ep, "Content-Length: -5") + body, 400),
+    "two-content-lengths": lambda ep, body: (_request_head(ep, f"Content-Length: {len(body)}",
+                                                           f"Content-Length: {len(body) + 1}") + body, 400),
 }
 
 
@@ -341,9 +344,57 @@ def test_bad_framing_is_refused_and_changes_nothing(served: tuple[Cluster, list[
     before = snapshot(cl)
     resp = raw_request(cl.port, data)
     assert_json_error(resp)
-    if expected is not None:
-        assert resp.status == expected, resp
+    assert resp.status == expected, resp
     assert snapshot(cl) == before
+
+
+# One rule on every path: the peer fast path (requestvote...) and the Flask routes (stepdown).
+FRAMING_PATHS = ["/cluster/requestvote", "/cluster/stepdown"]
+
+
+@pytest.mark.parametrize("path", FRAMING_PATHS)
+@pytest.mark.parametrize(("headers", "status"), [
+    (("Transfer-Encoding: chunked",), 411),
+    (("Content-Length: twelve",), 400),
+    ((f"Content-Length: {MAX_BODY + 1}",), 413),
+    (("Content-Length: 3", "Content-Length: 4"), 400),
+])
+def test_one_framing_rule_on_every_path_and_the_connection_closes(served: tuple[Cluster, list[str]], path: str,
+                                                                   headers: tuple[str, ...], status: int) -> None:
+    cl, _ = served
+    head = "\r\n".join([f"POST {path} HTTP/1.1", "Host: 127.0.0.1", *headers]) + "\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", cl.port), timeout=5) as sock:
+        sock.sendall(head.encode())
+        resp = http.client.HTTPResponse(sock, method="POST")
+        resp.begin()
+        resp.read()
+        assert resp.status == status
+        assert (resp.getheader("Connection") or "").lower() == "close"
+        assert sock.recv(1) == b""  # and it really is closed
+
+
+@pytest.mark.parametrize(("path", "body", "status"), [
+    ("/cluster/requestvote", b"{", 400),          # malformed, but framed: the body was read
+    ("/cluster/requestvote", json.dumps({"type": "VoteRequest", "term": 1, "candidate": "10.9.9.9:1",
+                                         "version": [0, 0]}).encode(), 403),
+    ("/cluster/stepdown", b"{", 400),
+    ("/cluster/nowhere", b"", 404),
+])
+def test_other_refusals_keep_the_connection_open(served: tuple[Cluster, list[str]], path: str, body: bytes,
+                                                 status: int) -> None:
+    cl, nodes = served
+    conn = http.client.HTTPConnection("127.0.0.1", cl.port, timeout=5)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == status and not resp.will_close
+        sock = conn.sock
+        conn.request("GET", "/cluster/id")  # on the same connection
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read()) == {"id": nodes[0]} and conn.sock is sock
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import struct
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -142,11 +143,16 @@ def _write_forever(path: str, started: multiprocessing.Event, stop: multiprocess
         i += 1
 
 
-def _read_many(path: str, n: int, out: multiprocessing.Queue) -> None:
+def _read_many(path: str, out: multiprocessing.Queue) -> None:
+    """Read until many writes were seen and many reads overlapped one (bounded: 15 s, 5 M reads)."""
     state = LeaderState(path)
-    torn = retries = distinct = 0
+    torn = retries = distinct = reads = 0
     last = None
-    for _ in range(n):
+    deadline = time.monotonic() + 15
+    while reads < 5_000_000 and not (distinct >= 2000 and retries >= 100):
+        reads += 1
+        if reads % 1000 == 0 and time.monotonic() > deadline:
+            break
         pair = state._try_read()
         if pair is None:
             retries += 1
@@ -157,7 +163,7 @@ def _read_many(path: str, n: int, out: multiprocessing.Queue) -> None:
         if pair != last:
             distinct += 1
             last = pair
-    out.put((torn, retries, distinct))
+    out.put((torn, retries, distinct, reads))
 
 
 @pytest.mark.processes
@@ -170,9 +176,9 @@ def test_concurrent_processes_never_read_a_torn_pair(tmp_path: Path) -> None:
     writer.start()
     try:
         assert started.wait(30)
-        reader = ctx.Process(target=_read_many, args=(str(path), 400_000, out), daemon=True)
+        reader = ctx.Process(target=_read_many, args=(str(path), out), daemon=True)
         reader.start()
-        torn, retries, distinct = out.get(timeout=120)
+        torn, retries, distinct, reads = out.get(timeout=120)
         reader.join(10)
     finally:
         stop.set()
@@ -180,6 +186,6 @@ def test_concurrent_processes_never_read_a_torn_pair(tmp_path: Path) -> None:
         if writer.is_alive():
             writer.kill()
     # The reads really overlapped the writes (else this proves nothing)...
-    assert distinct > 1000 and retries > 0, (distinct, retries)
+    assert distinct >= 2000 and retries >= 100, (distinct, retries, reads)
     # ...and not one of them returned half of one write and half of another.
-    assert torn == 0
+    assert torn == 0, (torn, reads)
