@@ -37,6 +37,7 @@ import queue
 import threading
 from typing import Any, Callable, Iterator, Protocol
 
+from .clock import NAME as CLOCK_NAME
 from .clock import lease_clock
 from .config import Timing
 from .election import (
@@ -374,6 +375,10 @@ class Node:
                 "voted_for": c.voted_for,
                 "is_leader": c.is_leader(now),
                 "lease_remaining_ms": round(lease_ms, 1),
+                # A follower's view of its leader: ms since it last heard it (None: never).
+                "leader_contact_ms": (round((now - c.leader_contact) * 1000, 1)
+                                      if c.contact_leader is not None and c.role is not Role.LEADER else None),
+                "clock": CLOCK_NAME,
                 "payload_version": list(c.version),
                 "failure": str(self.failure) if self.failure is not None else None,
                 "nodes": [

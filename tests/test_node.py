@@ -219,6 +219,9 @@ def test_status_fields(clusters: Callable[..., Cluster]) -> None:
             assert st["state"] == "follower"
             assert st["is_leader"] is False
             assert st["lease_remaining_ms"] == 0
+            assert 0 <= st["leader_contact_ms"] < 1000  # how long since it heard the leader
+    assert leader.status()["leader_contact_ms"] is None
+    assert {cl.status()["clock"] for cl in cls} == {"CLOCK_BOOTTIME"}
 
 
 def test_callbacks_are_edge_triggered_and_run_off_the_election_thread(
