@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test sim bench-quick bench bench-dispatch demo clean
+.PHONY: test sim chaos fuzz bench-quick bench bench-dispatch demo clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,6 +17,17 @@ test: $(STAMP)
 ## Deterministic simulation with 10,000 fault schedules.
 sim: $(STAMP)
 	SIM_EXAMPLES=10000 $(PY) -m pytest -q -p no:randomly tests/test_simulation.py
+
+## The real-process fault suite, long: 10 minutes per mode (standalone, worker) with 5 nodes (root).
+## Replay a run with CHAOS_SEED=<seed printed> (and CHAOS_SECONDS / CHAOS_NODES as printed).
+CHAOS_SECONDS ?= 600
+CHAOS_NODES ?= 5
+chaos: $(STAMP)
+	CHAOS_SECONDS=$(CHAOS_SECONDS) CHAOS_NODES=$(CHAOS_NODES) $(PY) -m pytest -q -s -p no:randomly tests/chaos/test_chaos.py
+
+## Hypothesis-generated bad input on every HTTP route, 5,000 cases per route.
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=5000 $(PY) -m pytest -q -p no:randomly tests/test_fuzz_routes.py
 
 ## Failover / handoff / heartbeat / idle-CPU benchmark, a short run.
 bench-quick: $(STAMP)
