@@ -7,13 +7,13 @@ import logging
 import os
 from typing import Any, Callable, Iterable
 
-from flask import Blueprint, Flask
+from flask import Blueprint
 
 from .auth import Signer, load_secret
 from .config import Timing, check_membership, default_state_dir, parse_address, parse_nodes, split_host_port
 from .errors import ClusterError, ConfigurationError
 from .http_client import PeerClient
-from .http_server import MAX_BODY, EmbeddedServer, make_blueprint
+from .http_server import EmbeddedServer, make_app, make_blueprint
 from .clock import lease_clock
 from .messages import Version
 from .node import Leadership, LeaseSink, Node
@@ -116,9 +116,7 @@ class Cluster:
                              "can disrupt elections; set a secret (CELERY_CLUSTER_SECRET / --secret-file)",
                              self.listen)
         if self.listen and self._server is None:
-            app = Flask("celery_cluster")
-            app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-            app.register_blueprint(self.blueprint())
+            app = make_app(self.blueprint())
             host, port = split_host_port(self.listen)
             self._server = EmbeddedServer(app, host, port, rpc_endpoint=self.blueprint().rpc_endpoint)
             self._server.start()

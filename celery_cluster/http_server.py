@@ -27,8 +27,9 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Flask, Response, request
 from werkzeug.datastructures import Headers
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wsgi import LimitedStream
 
@@ -167,7 +168,8 @@ def make_blueprint(node: Node, signer: Signer | None = None,
         return Response(data or None, status=code, mimetype="application/json")
 
     for name in _RPC:
-        bp.add_url_rule(f"/{name}", f"rpc_{name}", lambda name=name: rpc(name), methods=["POST"])
+        bp.add_url_rule(f"/{name}", f"rpc_{name}", lambda name=name: rpc(name), methods=["POST"],
+                        provide_automatic_options=False)
 
     @bp.get("/status")
     def status_route() -> Response:
@@ -184,7 +186,7 @@ def make_blueprint(node: Node, signer: Signer | None = None,
     def node_id() -> Response:
         return _json({"id": node.id})
 
-    @bp.route("/stepdown", methods=["POST", "PUT"])
+    @bp.route("/stepdown", methods=["POST", "PUT"], provide_automatic_options=False)
     def stepdown() -> Response:
         try:
             body = read_body()
@@ -193,7 +195,7 @@ def make_blueprint(node: Node, signer: Signer | None = None,
             if body:
                 try:
                     data = json.loads(body)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: deep nesting
                     raise _Reject(400, "body must be JSON: {\"to\": \"HOST:PORT\"} or empty") from None
                 target = data.get("to") if isinstance(data, dict) else None
                 if target is not None and target not in node.members:
@@ -206,6 +208,22 @@ def make_blueprint(node: Node, signer: Signer | None = None,
         return _json({"transferred_to": new, "from": node.id})
 
     return bp
+
+
+def make_app(blueprint: Blueprint) -> Flask:
+    """The embedded server's Flask app: the blueprint, bounded bodies, and the answers a peer
+    or a probe gets for everything else - JSON 4xx, never a redirect (Flask would merge
+    ``//`` with a 308) or an HTML page."""
+    app = Flask("celery_cluster")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.url_map.merge_slashes = False
+    app.register_blueprint(blueprint)
+
+    @app.errorhandler(HTTPException)
+    def json_error(exc: HTTPException) -> Response:
+        return _error(exc.code or 400, exc.description or exc.name)
+
+    return app
 
 
 class _KeepAliveHandler(WSGIRequestHandler):
@@ -230,6 +248,8 @@ class _KeepAliveHandler(WSGIRequestHandler):
         """Request line and headers without http.client's email parser (~4x faster)."""
         self.command = None
         self.close_connection = True
+        if self.raw_requestline in (b"\r\n", b"\n"):  # one empty line before a request is allowed
+            self.raw_requestline = self.rfile.readline(65537)
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
         if len(words) != 3 or not words[2].startswith("HTTP/1."):
@@ -246,18 +266,37 @@ class _KeepAliveHandler(WSGIRequestHandler):
             if line in (b"\r\n", b"\n", b""):
                 break
             name, sep, value = line.decode("iso-8859-1").partition(":")
-            if not sep or not name.strip():
+            try:
+                if not sep or not name.strip():
+                    raise ValueError("no header name")
+                headers.add(name.strip(), value.strip())  # refuses a bare CR or LF in a value
+            except ValueError:
                 self.send_error(400, "Malformed header")
                 return False
-            headers.add(name.strip(), value.strip())
         else:
             self.send_error(431, "Too many headers")
             return False
         self.headers = headers  # type: ignore[assignment]
-        connection = headers.get("Connection", "").lower()
-        self.close_connection = connection == "close" or (
-            self.request_version == "HTTP/1.0" and connection != "keep-alive")
+        tokens = {t.strip().lower() for v in headers.getlist("Connection") for t in v.split(",")}
+        self.close_connection = "close" in tokens or (
+            self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
         return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors before a request could be read (request line, headers): JSON like every
+        other refusal, and the connection closes (where the next request starts is unknown)."""
+        self.close_connection = True
+        body = json.dumps({"error": message or "bad request"}).encode()
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.wfile.flush()
+        except OSError:
+            pass  # the client went away
 
     def run_wsgi(self) -> None:
         rpc = self.server.rpc_endpoint  # type: ignore[attr-defined]
@@ -268,10 +307,13 @@ class _KeepAliveHandler(WSGIRequestHandler):
                 return
         try:
             length = body_length(self.headers)
+            try:
+                environ = self.make_environ()
+            except ValueError:  # e.g. an unbalanced "[" in the request target (urlsplit)
+                raise _Reject(400, "malformed request target", framing=True) from None
         except _Reject as rej:
             self._refuse(rej)
             return
-        environ = self.make_environ()
         body = LimitedStream(self.rfile, length)
         environ["wsgi.input"] = body
         environ["wsgi.input_terminated"] = True
@@ -290,6 +332,9 @@ class _KeepAliveHandler(WSGIRequestHandler):
                 if hasattr(app_iter, "close"):
                     app_iter.close()
             body.exhaust()  # bounded by MAX_BODY: the next request starts clean
+        except ClientDisconnected:  # the body ended before its Content-Length
+            self._refuse(_Reject(400, "the body is shorter than its Content-Length", framing=True))
+            return
         except Exception:  # noqa: BLE001 - answer 500, keep serving
             log.exception("[cluster] error handling %s", self.path)
             result[:] = ["500 INTERNAL SERVER ERROR", [("Content-Type", "application/json")]]
@@ -306,6 +351,9 @@ class _KeepAliveHandler(WSGIRequestHandler):
             self._refuse(rej)
             return
         body = self.rfile.read(length)
+        if len(body) < length:
+            self._refuse(_Reject(400, "the body is shorter than its Content-Length", framing=True))
+            return
         code, data = rpc(name, "POST", self.path, self.headers, body, self.client_address[0])
         self._respond(code, [("Content-Type", "application/json")] if data else [], data,
                       close=closes_connection(code))
@@ -318,10 +366,13 @@ class _KeepAliveHandler(WSGIRequestHandler):
 
     def _respond(self, code: int, headers: list[tuple[str, str]], data: bytes, *, close: bool) -> None:
         self.send_response(code)
+        length = str(len(data))
         for key, value in headers:
-            if key.lower() not in ("content-length", "connection"):
+            if key.lower() == "content-length" and self.command == "HEAD":
+                length = value  # the length a GET would have had
+            elif key.lower() not in ("content-length", "connection"):
                 self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Length", length)
         if close:
             self.send_header("Connection", "close")  # also sets close_connection
         self.end_headers()

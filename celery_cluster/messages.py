@@ -16,8 +16,12 @@ from .errors import ProtocolError
 #: Compared as a tuple, like Raft's (last log term, last log index).
 Version = tuple[int, int]
 
-#: Terms and sequence numbers above this are absurd (2**53: exact in JSON doubles).
+#: Numbers above this are absurd (2**53: exact in JSON doubles); the state file's bound.
 MAX_NUMBER = 2**53
+#: The largest term or payload sequence number a message may carry: a node must be able to
+#: count on from any term it accepts (campaign, re-stamp) and still save it, so messages stop
+#: far below the state file's bound - 2**52 elections from there are out of reach.
+MAX_TERM = 2**52
 #: Longest node address accepted in a message.
 MAX_ADDRESS_LEN = 300
 #: Largest replicated payload (characters).
@@ -150,17 +154,19 @@ def decode(data: Any, expected: type | None = None) -> Message:
     return cls(**kwargs)
 
 
-def _number(where: str, value: Any) -> int:
+def _number(where: str, value: Any, limit: int = MAX_NUMBER) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"{where} must be an integer")
-    if not 0 <= value <= MAX_NUMBER:
-        raise ProtocolError(f"{where} out of range (0..2**53)")
+    if not 0 <= value <= limit:
+        raise ProtocolError(f"{where} out of range (0..2**{limit.bit_length() - 1})")
     return value
 
 
 def _check(name: str, field: str, value: Any) -> Any:
     where = f"{name}.{field}"
-    if field in ("term", "round"):
+    if field == "term":
+        return _number(where, value, MAX_TERM)
+    if field == "round":
         return _number(where, value)
     if field in ("candidate", "voter", "leader", "follower"):
         if not isinstance(value, str) or not value or len(value) > MAX_ADDRESS_LEN:
@@ -173,7 +179,7 @@ def _check(name: str, field: str, value: Any) -> Any:
     if field == "version":
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise ProtocolError(f"{where} must be [term, sequence]")
-        return (_number(where, value[0]), _number(where, value[1]))
+        return (_number(where, value[0], MAX_TERM), _number(where, value[1], MAX_TERM))
     if field == "payload":
         if value is not None and (not isinstance(value, str) or len(value) > MAX_PAYLOAD_LEN):
             raise ProtocolError(f"{where} must be null or a string of at most {MAX_PAYLOAD_LEN} characters")

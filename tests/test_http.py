@@ -23,7 +23,7 @@ from werkzeug.serving import make_server
 from celery_cluster import Cluster
 from celery_cluster.auth import Signer
 from celery_cluster.http_server import MAX_BODY, _KeepAliveHandler
-from celery_cluster.messages import MAX_NUMBER, HardState
+from celery_cluster.messages import MAX_TERM, HardState
 from celery_cluster.state_file import StateFile
 from tests import support
 from tests.support import addresses, hand_over, stop_all, the_leader
@@ -260,10 +260,10 @@ MUTATIONS: dict[str, Mutation] = {
     "unknown-message-type": _set(type="Hello"),
     "unknown-field": _set(extra=1),
     "negative-term": _set(term=-1),
-    "absurd-term": _set(term=MAX_NUMBER + 1),
+    "absurd-term": _set(term=MAX_TERM + 1),  # a node could not count on from it
     "huge-term": _set(term=10**30),
     "negative-version": _set(version=[-1, 1]),
-    "absurd-version": _set(version=[5, MAX_NUMBER + 1]),
+    "absurd-version": _set(version=[5, MAX_TERM + 1]),
     "bool-term": _set(term=True),
     "bool-version": _set(version=[True, 1]),
     "prevote-flag-on-the-wrong-endpoint": _wrong_prevote_flag,
