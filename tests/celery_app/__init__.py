@@ -136,6 +136,25 @@ def create_app(
             time.sleep(sleep)
         return i
 
+    @app.task(name="tests.celery_app.burn", bind=True, shared=False)
+    @leader_only
+    def burn(self: Any, i: int, seconds: float = 0.5) -> int:
+        """Spin the CPU (pure Python arithmetic) for ``seconds`` of wall-clock time. Records
+        ``burn_start`` before and ``burn`` after: ``started``/``ended`` (monotonic) and ``cpu``,
+        the CPU time this thread got meanwhile (under the threads pool, the GIL share)."""
+        req = self.request
+        record("burn_start", i=i, id=req.id, hostname=req.hostname)
+        started, cpu0 = time.monotonic(), time.thread_time()
+        end = started + float(seconds)
+        x = 0
+        while time.monotonic() < end:  # bounded by the deadline
+            for k in range(2000):
+                x += k * k
+        ended = time.monotonic()
+        record("burn", i=i, id=req.id, hostname=req.hostname, started=started, ended=ended,
+               cpu=time.thread_time() - cpu0, token=fencing_token(), term=_leader_term())
+        return i
+
     @app.task(name="tests.celery_app.relay", bind=True, shared=False)
     def relay(self: Any, i: int) -> None:
         """Send ``lead(i)`` from inside a worker (routed by the worker process's own router)."""
