@@ -12,8 +12,11 @@ then send ``messages``, then act on ``events``.
 Rules, with their reason (Raft paper / Ongaro's thesis, ch. 3, 6 and 9):
 
 * Majority of the *configured* members, ``N // 2 + 1``, self counted once.
-* A higher term is adopted first (clear vote, step down); then a vote is granted
-  iff not yet voted in the term or voted for the same candidate.
+* A higher term is adopted first, in one place at the top of :meth:`~Election.step`
+  (clear vote, step down) - except from a pre-vote, a vote request the
+  recent-leader rule refuses, a granted pre-vote and TimeoutNow; then a vote is
+  granted iff not yet voted in the term or voted for the same candidate. Every
+  refusal is a :class:`VoteRefused` event with its reason.
 * Pre-vote: a node asks "would you vote for me in term+1?" before bumping its
   term, so a partitioned node cannot inflate terms.
 * Recent-leader rule ("stickiness"): a node that heard from a live leader within
@@ -39,6 +42,9 @@ Rules, with their reason (Raft paper / Ongaro's thesis, ch. 3, 6 and 9):
   valid (a node that restarted with a higher term) runs for term+1 itself
   instead of stepping down: its followers vote for it, so the rejoining node
   does not depose it.
+* A retiring node (:meth:`~Election.retire`, a worker in warm shutdown) keeps
+  voting but never campaigns or leads again, even through a campaign that was
+  under way when it retired.
 """
 
 from __future__ import annotations
@@ -105,7 +111,7 @@ class SteppedDown:
     could have been true (``-inf`` if it never was in this term)."""
 
     term: int
-    reason: str  # higher_term | lost_quorum | lease_expired | transfer | shutdown | callback_error
+    reason: str  # higher_term | lost_quorum | lease_expired | transfer | shutdown | callback_error | state_not_durable
     lease_until: float
     had_lease: bool
 

@@ -70,8 +70,11 @@ app.conf.update(
     task_ignore_result=True,
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
+    # At-least-once within seconds on Redis (README): unacknowledged messages of a killed worker
+    # come back after visibility_timeout, swept every second; and a worker killed while it held
+    # the sweep's mutex blocks every sweep only until unacked_mutex_expire (default 300 s).
     broker_transport_options={"visibility_timeout": 10, "unacked_restore_interval": 1,
-                              "unacked_restore_throttle": 1},
+                              "unacked_restore_throttle": 1, "unacked_mutex_expire": 5},
     beat_schedule={"tick": {"task": "chaos.tick", "schedule": float(os.environ.get("CHAOS_PERIOD", "0.5"))}},
     beat_max_loop_interval=0.2,
 )
@@ -98,6 +101,21 @@ def _beat_published(sender: Any = None, headers: dict | None = None, **kwargs: A
     if headers and "cluster_run" in headers:
         term = headers["cluster_term"]
         record("beat", run=headers["cluster_run"], term=term, lease_until=_lease_of(term), boot=lease_clock())
+
+
+@signals.task_prerun.connect(weak=False)
+def _delivered(sender: Any = None, task_id: str | None = None, args: Any = None, **kwargs: Any) -> None:
+    """Every delivery of ``lead`` to a pool process, before the leader check (for diagnosis)."""
+    if getattr(sender, "name", None) == "chaos.lead":
+        info = sender.request.delivery_info or {}
+        record("delivery", i=(args or [None])[0], boot=lease_clock(), redelivered=info.get("redelivered"),
+               routing_key=info.get("routing_key"))
+
+
+@signals.task_postrun.connect(weak=False)
+def _outcome(sender: Any = None, args: Any = None, state: str | None = None, **kwargs: Any) -> None:
+    if getattr(sender, "name", None) == "chaos.lead":
+        record("outcome", i=(args or [None])[0], boot=lease_clock(), state=state)
 
 
 @cluster_signals.leader_elected.connect(weak=False)

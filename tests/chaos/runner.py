@@ -410,6 +410,10 @@ class ChaosRun:
         verdict = check(transitions, actions, ended=self.ended, lead_sent=sent, liveness=self.liveness,
                         liveness_bound=LIVENESS_BOUND, expect_beat=self.mode == "worker")
         verdict.violations[:0] = self.problems
+        lost = sorted(set(sent) - {a["i"] for a in actions if a["kind"] == "lead"})
+        for i in lost[:5]:  # where each lost task was last seen, for the diagnosis
+            seen = [r for r in self._records() if r.get("kind") in ("delivery", "outcome") and r.get("i") == i]
+            verdict.violations.append(f"  task {i} deliveries: {seen or 'none'}")
         kinds: dict[str, int] = {}
         for f in self.faults:
             kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,10 @@ def test_chaos(mode: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFacto
         verdict = run.run()
     line = summary(mode, run, verdict)
     print(line)
+    if not verdict.ok:  # keep the evidence past pytest's tmp retention
+        kept = Path(os.environ.get("CHAOS_KEEP", "/tmp")) / f"celery-cluster-chaos-{mode}-{seed}"
+        shutil.copytree(tmp_path / mode, kept, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock"))
+        line += f"\nevidence kept in {kept}"
     with open(tmp_path_factory.getbasetemp() / "chaos-summary.txt", "a") as f:
         f.write(line + "\n")
     assert verdict.ok, "\n".join([line, *verdict.violations[:30],
