@@ -36,7 +36,6 @@ running fails ``GET /cluster/health``.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import logging
@@ -108,16 +107,19 @@ class ReplicatedSchedulerMixin:
             # The run number is replicated with the firing: unique across failovers,
             # so consumers can spot a duplicate (same number twice) or a gap.
             run = self.schedule[entry.name].total_run_count  # type: ignore[attr-defined]
-            options = dict(entry.options)
-            options["headers"] = {**options.get("headers", {}), "cluster_term": beat.leadership.term,
-                                  "cluster_run": run}
-            entry = copy.copy(entry)
-            entry.options = options
             if not beat.leadership.is_valid():  # the lease, re-checked right before publishing
                 log.warning("[cluster] beat: lease lost before sending %s; not sent", entry.name)
                 return
-            super().apply_entry(entry, producer=producer)  # type: ignore[misc]
-
+            # The headers ride on the entry's options for this one publish. The entry is not
+            # copied: entry classes need not be copyable (django-celery-beat's ModelEntry
+            # takes (model, app)), and tick() is done with this instance once it returns.
+            options = entry.options
+            entry.options = {**options, "headers": {**options.get("headers", {}),
+                                                    "cluster_term": beat.leadership.term, "cluster_run": run}}
+            try:
+                super().apply_entry(entry, producer=producer)  # type: ignore[misc]
+            finally:
+                entry.options = options
 
     def _withdraw(self, entry: Any) -> None:
         """Undo ``tick()``'s ``reserve()`` of ``entry``: it stays due. ``tick()`` has already

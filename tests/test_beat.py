@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 from celery import Celery
-from celery.beat import PersistentScheduler, Scheduler
+from celery.beat import PersistentScheduler, ScheduleEntry, Scheduler
 
 from celery_cluster.beat import LeaderBeat, decode_schedule, encode_schedule, replicated_scheduler
 from celery_cluster.config import Timing
@@ -184,3 +184,43 @@ def test_nothing_is_sent_when_the_lease_ends_between_commit_and_publish(app: Cel
     cluster.wait_committed = commit_then_lose  # type: ignore[method-assign]
     scheduler.tick()
     assert cluster.proposals and RecordingScheduler.sent == []
+
+
+class ModelLikeEntry(ScheduleEntry):
+    """An entry class with its own constructor (as django-celery-beat's ModelEntry(model, app)):
+    copy.copy() of it raises TypeError, so beat must never copy entries."""
+
+    def __init__(self, model: dict[str, Any], app: Any = None) -> None:
+        super().__init__(name=model["name"], task=model["task"], schedule=model["schedule"], app=app,
+                         last_run_at=model.get("last_run_at"), total_run_count=model.get("count", 0))
+
+    def _next_instance(self, last_run_at: Any = None, only_update_last_run_at: bool = False) -> ModelLikeEntry:
+        return ModelLikeEntry({"name": self.name, "task": self.task, "schedule": self.schedule,
+                               "last_run_at": self.default_now(), "count": self.total_run_count + 1}, self.app)
+
+    __next__ = next = _next_instance
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a model entry is not picklable")
+
+
+class ModelScheduler(RecordingScheduler):
+    Entry = ModelLikeEntry
+
+    def setup_schedule(self) -> None:
+        self.data = {"model": ModelLikeEntry({"name": "model", "task": "b.tick", "schedule": 1.0,
+                                              "last_run_at": self.app.now() - datetime.timedelta(seconds=5)},
+                                             self.app)}
+
+
+def test_an_entry_class_with_its_own_constructor_is_fired_without_being_copied(app: Celery) -> None:
+    import copy
+
+    with pytest.raises(TypeError):
+        copy.copy(ModelLikeEntry({"name": "x", "task": "t", "schedule": 1.0}))
+    cluster, lead = StubCluster(), StubLeadership(term=7)
+    beat = LeaderBeat(app, cluster, lead, scheduler=ModelScheduler)  # type: ignore[arg-type]
+    scheduler = beat.scheduler_cls(app=app, max_interval=1, lazy=False)
+    scheduler.tick()
+    assert RecordingScheduler.sent == [("model", {"cluster_term": 7, "cluster_run": 1})]
+    assert scheduler.schedule["model"].options.get("headers", {}).get("cluster_term") is None  # not left behind
