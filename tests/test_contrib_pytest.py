@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 
 from celery_cluster import fencing_token, install, leader_only
-from tests.support import addresses, wait_for
+from tests.support import addresses, isolated_celery_state, wait_for
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """The step exports CELERY_CLUSTER_* for its pool children: keep them out of later tests
+    (a leaked CELERY_CLUSTER_LEADER_QUEUE would route another test's leader-only tasks)."""
+    with isolated_celery_state(monkeypatch, tmp_path):
+        yield
 
 
 @pytest.fixture
