@@ -56,16 +56,19 @@ log = logging.getLogger("celery_cluster.beat")
 PAYLOAD_FORMAT = 1
 
 
-def encode_schedule(schedule: dict[str, Any]) -> str:
+#: name -> (last_run_at, total_run_count): what the cluster knows was fired, per entry.
+ScheduleState = dict[str, tuple[datetime.datetime | None, int]]
+
+
+def encode_schedule(state: ScheduleState) -> str:
     entries = {
-        name: {"last_run_at": e.last_run_at.isoformat() if e.last_run_at else None,
-               "total_run_count": e.total_run_count}
-        for name, e in schedule.items()
+        name: {"last_run_at": last_run_at.isoformat() if last_run_at else None, "total_run_count": count}
+        for name, (last_run_at, count) in state.items()
     }
     return json.dumps({"format": PAYLOAD_FORMAT, "beat": entries}, sort_keys=True, separators=(",", ":"))
 
 
-def decode_schedule(payload: str) -> dict[str, tuple[datetime.datetime | None, int]]:
+def decode_schedule(payload: str) -> ScheduleState:
     """Replicated entry state from a payload ('' means nothing replicated yet)."""
     if not payload:
         return {}
@@ -80,33 +83,77 @@ def decode_schedule(payload: str) -> dict[str, tuple[datetime.datetime | None, i
 
 
 class ReplicatedSchedulerMixin:
-    """Mixed into the configured scheduler class; see the module docstring."""
+    """Mixed into the configured scheduler class; see the module docstring.
+
+    The scheduler's hooks it relies on: ``setup_schedule()``, the ``schedule`` mapping
+    of name -> entry (each with ``name``, ``options``, ``last_run_at`` and
+    ``total_run_count``), ``reserve()`` / ``apply_entry()`` as ``Scheduler.tick()``
+    calls them. Entries are never copied, and what is replicated is kept here, not
+    read back from the scheduler's entries: a scheduler may keep the reserved state
+    elsewhere (django-celery-beat's ``reserve()`` advances the entry's database row,
+    not the entry in its schedule).
+    """
 
     cluster_beat: LeaderBeat
+    _seeded: Any = None  # the schedule mapping the replicated state was last applied to
 
     def setup_schedule(self) -> None:
+        self._state: ScheduleState = decode_schedule(self.cluster_beat.cluster.payload[1])
+        self._reserved: dict[str, Any] = {}
         super().setup_schedule()  # type: ignore[misc]
-        _, payload = self.cluster_beat.cluster.payload
-        for name, (last_run_at, count) in decode_schedule(payload).items():
-            entry = self.schedule.get(name)  # type: ignore[attr-defined]
-            if entry is not None:
-                if last_run_at is not None:
-                    entry.last_run_at = last_run_at
-                entry.total_run_count = count
+        self._seed(self.schedule)
+
+    def reserve(self, entry: Any) -> Any:
+        reserved = super().reserve(entry)  # type: ignore[misc]
+        self._reserved[entry.name] = reserved  # what apply_entry() is about to fire
+        return reserved
+
+    @property
+    def schedule(self) -> Any:
+        # Schedulers that reload their entries from storage (django-celery-beat's
+        # DatabaseScheduler, whenever the table changes) hand out a new mapping built
+        # from what they stored - which may lag what this cluster has fired: apply the
+        # replicated state to every new mapping before anyone reads it.
+        schedule = super().schedule  # type: ignore[misc]
+        if schedule is not self._seeded and self._seeded is not None:
+            self._seed(schedule)
+        return schedule
+
+    @schedule.setter
+    def schedule(self, value: Any) -> None:
+        super(ReplicatedSchedulerMixin, type(self)).schedule.fset(self, value)  # type: ignore[attr-defined]
+
+    def _seed(self, schedule: Any) -> None:
+        """Bring every entry up to the replicated state where that has seen more runs: the
+        run count says which is newer (storage lags by its sync interval; a fresh entry
+        from ``beat_schedule`` has none), and a tie keeps what storage says (an entry
+        re-enabled in the admin starts its interval from then, as under stock beat)."""
+        for name, (last_run_at, count) in self._state.items():
+            entry = schedule.get(name)
+            if entry is None or count <= (entry.total_run_count or 0):
+                continue
+            if last_run_at is not None:
+                entry.last_run_at = last_run_at
+            entry.total_run_count = count
+            _sync_model(entry)
+        self._seeded = schedule
         self._heap = None  # rebuild from the seeded times
 
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
         beat = self.cluster_beat
+        reserved = self._reserved.pop(entry.name, None) or self.schedule[entry.name]  # type: ignore[attr-defined]
+        state = {**self._state, entry.name: (reserved.last_run_at, reserved.total_run_count)}
         with beat.leadership.acting() as ok:
-            if not ok or not beat.record_firing(self.schedule):  # type: ignore[attr-defined]
+            if not ok or not beat.record_firing(state):
                 # Nothing recorded: the run stays due - for the successor, or for us if
                 # the handover does not happen after all.
                 log.info("[cluster] beat: leadership ending; %s left due", entry.name)
                 self._withdraw(entry)
                 return
+            self._state = state
             # The run number is replicated with the firing: unique across failovers,
             # so consumers can spot a duplicate (same number twice) or a gap.
-            run = self.schedule[entry.name].total_run_count  # type: ignore[attr-defined]
+            run = reserved.total_run_count
             if not beat.leadership.is_valid():  # the lease, re-checked right before publishing
                 log.warning("[cluster] beat: lease lost before sending %s; not sent", entry.name)
                 return
@@ -126,7 +173,18 @@ class ReplicatedSchedulerMixin:
         pushed the reserved copy on the heap, so the heap is dropped and rebuilt from the
         schedule (there is no documented hook for a firing that did not happen)."""
         self.schedule[entry.name] = entry  # type: ignore[attr-defined]
+        _sync_model(entry)  # ModelEntry's next() advanced the shared model row
         self._heap = None
+
+
+def _sync_model(entry: Any) -> None:
+    """django-celery-beat's ModelEntry keeps its state in ``entry.model`` too (which its
+    ``next()`` advances and its scheduler's ``sync()`` saves): keep the two the same."""
+    model = getattr(entry, "model", None)
+    if model is not None and hasattr(model, "total_run_count"):
+        model.last_run_at = entry.last_run_at
+        model.total_run_count = entry.total_run_count
+
 
 def replicated_scheduler(app: Celery, beat: LeaderBeat, scheduler: str | type | None = None) -> type:
     cls = symbol_by_name(scheduler or app.conf.beat_scheduler)
@@ -175,10 +233,10 @@ class LeaderBeat:
                 "beat_restarts": self.restarts, "beat_last_error": self.last_error,
                 "beat_last_error_at": self.last_error_at}
 
-    def record_firing(self, schedule: dict[str, Any]) -> bool:
+    def record_firing(self, state: ScheduleState) -> bool:
         """Replicate the schedule's state to a majority; False if leadership went first."""
         try:
-            version = self.cluster.propose(encode_schedule(schedule))
+            version = self.cluster.propose(encode_schedule(state))
         except Exception as exc:  # noqa: BLE001 - NotLeader: we lost it between tick and now
             log.warning("[cluster] beat: cannot record firing: %s", exc)
             return False

@@ -75,6 +75,15 @@ def make(app: Celery, cluster: StubCluster, lead: StubLeadership) -> Any:
     return beat, beat.scheduler_cls(app=app, max_interval=1, lazy=False)
 
 
+def test_the_replicated_state_round_trips(app: Celery) -> None:
+    when = app.now()
+    assert decode_schedule(encode_schedule({"e": (when, 9), "never": (None, 0)})) == {"e": (when, 9),
+                                                                                     "never": (None, 0)}
+    assert decode_schedule("") == {}
+    with pytest.raises(ValueError):
+        decode_schedule('{"format": 99}')
+
+
 def test_the_configured_scheduler_class_is_used_and_the_shelve_one_replaced(app: Celery) -> None:
     beat, scheduler = make(app, StubCluster(), StubLeadership())
     assert isinstance(scheduler, RecordingScheduler)
@@ -85,7 +94,7 @@ def test_the_configured_scheduler_class_is_used_and_the_shelve_one_replaced(app:
 
 def test_a_new_leader_seeds_its_schedule_and_fires_an_overdue_entry_once(app: Celery) -> None:
     ten_ago = app.now() - datetime.timedelta(seconds=10)
-    payload = encode_schedule({"every-second": type("E", (), {"last_run_at": ten_ago, "total_run_count": 41})()})
+    payload = encode_schedule({"every-second": (ten_ago, 41)})
     cluster = StubCluster(payload)
     _, scheduler = make(app, cluster, StubLeadership(term=3))
     entry = scheduler.schedule["every-second"]

@@ -11,7 +11,6 @@ from celery.exceptions import Ignore, Reject
 
 from celery_cluster import LeaderOnlyTask, fencing_token, install, leader_only
 from celery_cluster import leader_state
-from celery_cluster.beat import decode_schedule, encode_schedule
 from celery_cluster.clock import lease_clock
 from celery_cluster.leader_tasks import LeaderQueueRouter, is_leader_only
 
@@ -92,15 +91,3 @@ def test_a_message_prefetched_from_the_leader_queue_is_requeued(
     finally:
         prefetched.pop_request()
     assert info.value.requeue and not ran
-
-
-def test_beat_state_payload_round_trips() -> None:
-    from celery.beat import ScheduleEntry
-
-    app = Celery("t", set_as_current=False)
-    when = app.now()
-    entry = ScheduleEntry(name="e", task="t.x", schedule=1.0, last_run_at=when, total_run_count=9, app=app)
-    assert decode_schedule(encode_schedule({"e": entry})) == {"e": (when, 9)}
-    assert decode_schedule("") == {}
-    with pytest.raises(ValueError):
-        decode_schedule('{"format": 99}')
