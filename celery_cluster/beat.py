@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.beat import PersistentScheduler, Scheduler
+from celery.signals import beat_init
 from celery.utils.imports import symbol_by_name
 
 if TYPE_CHECKING:
@@ -212,6 +213,7 @@ class LeaderBeat:
                                         daemon=True)
         #: ``running``, ``failing: <error>`` or ``stopped``.
         self.state = "starting"
+        self.scheduler: Any = None  # the scheduler of the current (re)start
         self.restarts = 0
         self.last_error: str | None = None
         self.last_error_at: float | None = None  # time.time()
@@ -284,7 +286,11 @@ class LeaderBeat:
             log.info("[cluster] beat stopped (term %s)", self.leadership.term)
 
     def _run_scheduler(self) -> None:
-        scheduler = self.scheduler_cls(app=self.app, max_interval=self.max_interval, lazy=False)
+        scheduler = self.scheduler = self.scheduler_cls(app=self.app, max_interval=self.max_interval, lazy=False)
+        # As celery.beat.Service.start() does (receivers may use sender.app and
+        # sender.scheduler); beat_embedded_init is not sent: this beat is a thread,
+        # not a process (like `celery worker -B` in thread mode).
+        beat_init.send(sender=self)
         try:
             log.info("[cluster] beat started in term %s (%s)", self.leadership.term,
                      self.scheduler_cls.__mro__[2].__name__)

@@ -60,6 +60,31 @@ def _raw(name: str, cli: Mapping[str, Any], conf: Any, env: Mapping[str, str]) -
     return value
 
 
+_YES = ("yes", "true", "1", "on")
+_NO = ("no", "false", "0", "off")
+
+
+def parse_bool(name: str, value: Any, default: bool) -> bool:
+    """A yes/no setting given as a bool or as text (CLI, environment, Django settings)."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in _YES + _NO:
+        raise ConfigurationError(f"invalid {name} {value!r}: expected yes or no")
+    return text in _YES
+
+
+def app_flag(conf: Any, name: str, default: bool, env: Mapping[str, str] = os.environ) -> bool:
+    """A yes/no cluster setting of the *app* (environment > Celery setting), for processes
+    that have no ``--cluster-*`` options (``celery beat``) or must not trust one worker's."""
+    value = env.get(f"CELERY_CLUSTER_{name.upper()}")
+    if value is None:
+        value = conf.get(f"cluster_{name}")
+    return parse_bool(f"cluster_{name}", value, default)
+
+
 def resolve(conf: Any, cli: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> ClusterSettings | None:
     """The effective settings, or None when no nodes are configured (the step stays off)."""
     raw = {name: _raw(name, cli, conf, env) for name in OPTIONS}
@@ -75,9 +100,7 @@ def resolve(conf: Any, cli: Mapping[str, Any], env: Mapping[str, str] = os.envir
     except (TypeError, ValueError):
         raise ConfigurationError(f"invalid --cluster-heartbeat-interval {raw['heartbeat_interval']!r}: "
                                  "expected seconds such as 0.1") from None
-    beat = str(raw["beat"] if raw["beat"] is not None else "yes").strip().lower()
-    if beat not in ("yes", "no", "true", "false", "1", "0", "on", "off"):
-        raise ConfigurationError(f"invalid --cluster-beat {raw['beat']!r}: expected yes or no")
+    beat = parse_bool("--cluster-beat", raw["beat"], True)
     return ClusterSettings(
         nodes=nodes,
         listen=listen,
@@ -87,5 +110,5 @@ def resolve(conf: Any, cli: Mapping[str, Any], env: Mapping[str, str] = os.envir
         election_timeout=parse_timeout_range(raw["election_timeout"] or OPTIONS["election_timeout"][1]),
         heartbeat_interval=heartbeat,
         leader_queue=str(raw["leader_queue"] or DEFAULT_LEADER_QUEUE),
-        beat=beat in ("yes", "true", "1", "on"),
+        beat=beat,
     )

@@ -32,11 +32,13 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 from typing import Any
 
 import click
 from celery import Celery, bootsteps
+from celery import signals as celery_signals
 from celery.exceptions import ImproperlyConfigured
 
 from . import leader_state, signals
@@ -46,14 +48,17 @@ from .cluster import Cluster
 from .config import default_state_dir
 from .errors import ClusterError
 from .leader_tasks import LeaderQueueRouter, is_leader_only, leader_queue_name, mark_task
-from .settings import ClusterSettings, resolve, worker_options
+from .settings import ClusterSettings, app_flag, resolve, worker_options
 
 log = logging.getLogger("celery_cluster")
 
 
 class ClusterMisconfigured(ImproperlyConfigured, click.ClickException):
     """Wrong cluster settings. Also a ClickException, so ``celery worker`` prints the
-    reason as one line and exits instead of dumping a traceback."""
+    reason as one line and exits 2 (as ``celery-cluster node`` does for bad settings)
+    instead of dumping a traceback."""
+
+    exit_code = 2
 
     def __init__(self, message: str) -> None:
         click.ClickException.__init__(self, message)
@@ -79,7 +84,51 @@ def install(app: Celery) -> None:
     else:
         app.conf.task_routes = (router, routes)
     app.on_after_finalize.connect(_mark_leader_only_tasks, weak=False)
+    celery_signals.beat_init.connect(refuse_standalone_beat, weak=False)
     from . import remote_control  # noqa: F401 - registers the inspect command
+
+
+def refuse_embedded_beat(app: Celery, cluster_beat: bool) -> None:
+    """``-B`` is stock beat on *this* worker, whatever the cluster does: refuse it unless the
+    cluster's beat is off for every worker (the app's configuration, not one worker's flag)."""
+    if cluster_beat:
+        raise ClusterMisconfigured(
+            "celery-cluster: -B/--beat runs a second scheduler next to the cluster's leader-only beat, and every "
+            "periodic task would be sent twice; drop -B: the elected leader already runs beat")
+    if app_flag(app.conf, "beat", True):
+        raise ClusterMisconfigured(
+            "celery-cluster: -B/--beat with --cluster-beat no on this worker still leaves the cluster's beat on "
+            "the other workers, so every periodic task would be sent twice; drop -B (or, to run stock beat here "
+            "instead, set cluster_beat = False in the app's configuration for every worker)")
+
+
+def refuse_foreign_scheduler(app: Celery) -> None:
+    """Schedulers that elect their own beat cannot be run by the cluster's."""
+    scheduler = app.conf.beat_scheduler
+    name = scheduler if isinstance(scheduler, str) else f"{scheduler.__module__}:{scheduler.__name__}"
+    if name.split(":")[0].split(".")[0] == "redbeat":
+        raise ClusterMisconfigured(
+            f"celery-cluster: beat_scheduler {name} elects its own beat with a Redis lock and keeps its own "
+            "schedule state, next to the cluster's leader-only beat; use celery's default scheduler or "
+            "django_celery_beat.schedulers:DatabaseScheduler, or keep RedBeat and set cluster_beat = False "
+            "(then run its `celery beat` as RedBeat expects)")
+
+
+def refuse_standalone_beat(sender: Any = None, **kwargs: Any) -> None:
+    """``beat_init`` receiver: a ``celery beat`` of an app that runs beat on its cluster leader
+    would send every periodic task twice. Stops it with one line (exit 2) unless the app turns
+    the cluster's beat off or explicitly allows a standalone beat."""
+    app = getattr(sender, "app", None)
+    if isinstance(sender, LeaderBeat) or not getattr(app, "_celery_cluster_installed", False):
+        return
+    if not app_flag(app.conf, "beat", True) or app_flag(app.conf, "allow_standalone_beat", False):
+        return
+    message = ("celery-cluster: this app runs beat on its elected cluster leader (install(app)), so this "
+               "`celery beat` would send every periodic task a second time; stop it, or set "
+               "cluster_allow_standalone_beat = True (CELERY_CLUSTER_ALLOW_STANDALONE_BEAT=yes) if it is "
+               "meant to run beside the cluster")
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(2)  # through Celery's signal dispatch, which logs and swallows Exceptions
 
 
 def _mark_leader_only_tasks(sender: Celery, **kwargs: Any) -> None:
@@ -128,9 +177,10 @@ class ClusterStep(bootsteps.StartStopStep):
                 f"celery-cluster: this worker would consume leader queue {self.settings.leader_queue!r} but "
                 f"producers route leader-only tasks to {routed!r}; set cluster_leader_queue in the app config "
                 "(or CELERY_CLUSTER_LEADER_QUEUE) so both agree, not --cluster-leader-queue alone")
-        if options.get("beat") and self.settings.beat:
-            raise ClusterMisconfigured("celery-cluster: -B/--beat runs a second scheduler next to the cluster's "
-                                       "leader-only beat; drop -B (or set --cluster-beat no)")
+        if self.settings.beat:
+            refuse_foreign_scheduler(self.app)
+        if options.get("beat"):
+            refuse_embedded_beat(self.app, self.settings.beat)
         state_dir = self.settings.state_dir or str(default_state_dir(self.settings.advertise))
         mmap_path = os.path.join(state_dir, "leader.mmap")
         try:

@@ -423,7 +423,12 @@ def test_resolve_refuses_bad_values(cli: dict, fragment: str) -> None:
                   "cluster_election_timeout": "0.2-0.4", "cluster_heartbeat_interval": "0.1"},
                  "quarter of the minimum election timeout", id="heartbeat-too-slow"),
     pytest.param({"cluster_nodes": "127.0.0.1:{a}", "cluster_listen": "127.0.0.1:{a}", "beat": True},
-                 "-B/--beat", id="beat-and-cluster-beat"),
+                 "-B/--beat runs a second scheduler", id="beat-and-cluster-beat"),
+    pytest.param({"cluster_nodes": "127.0.0.1:{a}", "cluster_listen": "127.0.0.1:{a}", "beat": True,
+                  "cluster_beat": "no"}, "still leaves the cluster's beat on", id="beat-and-cluster-beat-off-here"),
+    pytest.param({"cluster_nodes": "127.0.0.1:{a}", "cluster_listen": "127.0.0.1:{a}",
+                  "conf:beat_scheduler": "redbeat.RedBeatScheduler"}, "elects its own beat with a Redis lock",
+                 id="redbeat"),
     pytest.param({"cluster_nodes": "127.0.0.1:{a}"}, "--cluster-listen", id="no-listen"),
     pytest.param({"cluster_nodes": "127.0.0.1:{a}", "cluster_listen": "127.0.0.1:{a}",
                   "cluster_leader_queue": "elsewhere"}, "cluster_leader_queue", id="leader-queue-cli"),
@@ -432,6 +437,8 @@ def test_wrong_settings_refuse_to_start(tmp_path: Path, options: dict, fragment:
     ports = {"a": free_port(), "b": free_port(), "c": free_port()}
     opts = {k: v.format(**ports) if isinstance(v, str) else v for k, v in options.items()}
     app = make_app(broker="memory://")
+    for key in [k for k in opts if k.startswith("conf:")]:
+        app.conf[key[5:]] = opts.pop(key)
     with pytest.raises(ImproperlyConfigured) as info:
         with start_worker(app, pool="solo", perform_ping_check=False, hostname=hostname("bad"),
                           loglevel="WARNING", cluster_state_dir=str(tmp_path / "state"), **opts):

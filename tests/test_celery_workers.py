@@ -505,6 +505,11 @@ REFUSALS = {
                      "--cluster-election-timeout", "soon"], "invalid election timeout 'soon'"),
     "with-B": (["--cluster-nodes", "{a},{b},{c}", "--cluster-listen", "{a}", "-B"],
                "-B/--beat runs a second scheduler"),
+    # Switching the cluster's beat off on this worker alone leaves it on the others.
+    "with-B-cluster-beat-no-here": (["--cluster-nodes", "{a},{b},{c}", "--cluster-listen", "{a}", "-B",
+                                     "--cluster-beat", "no"], "still leaves the cluster's beat on"),
+    "redbeat": (["--cluster-nodes", "{a},{b},{c}", "--cluster-listen", "{a}", "env:CC_TEST_BEAT_SCHEDULER="
+                 "redbeat.RedBeatScheduler"], "elects its own beat with a Redis lock"),
     # The app routes leader-only tasks to the default leader queue; the CLI names another.
     "leader-queue-mismatch": (["--cluster-nodes", "{a},{b},{c}", "--cluster-listen", "{a}",
                                "--cluster-leader-queue", "cct.elsewhere"],
@@ -521,9 +526,12 @@ def _refusal_env(tmp: Path) -> dict[str, str]:
 def _run_refusal(case: str, tmp: Path) -> tuple[int, str]:
     a, b, c = (f"{HOST}:{p}" for p in free_ports(3))
     args = [x.format(a=a, b=b, c=c) for x in REFUSALS[case][0]]
+    env = _refusal_env(tmp)
+    env.update(x[4:].split("=", 1) for x in args if x.startswith("env:"))  # type: ignore[arg-type]
+    args = [x for x in args if not x.startswith("env:")]
     cmd = [*celery_cli(), "-A", "tests.celery_app", "worker", "-P", "prefork", "-c", "1", "-n",
            f"refuse-{case}@cct", "-l", "info", "--cluster-state-dir", str(tmp / case), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_refusal_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=60)
@@ -555,7 +563,7 @@ def _without_root_warning(out: str) -> list[str]:
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_worker_refuses_bad_cluster_options(case: str, tmp_path: Path) -> None:
     rc, out = _run_refusal(case, tmp_path)
-    assert rc != 0, out
+    assert rc == 2, out  # wrong settings: exit 2, as celery-cluster node
     reason = REFUSALS[case][1]
     last = [line for line in out.splitlines() if line.strip()][-1]
     assert "celery-cluster:" in last and reason in last, out  # the reason, on one line, is the last word
@@ -564,7 +572,7 @@ def test_worker_refuses_bad_cluster_options(case: str, tmp_path: Path) -> None:
 
 def test_worker_refusal_is_one_line(tmp_path: Path) -> None:
     rc, out = _run_refusal("bad-timeout", tmp_path)
-    assert rc != 0
+    assert rc == 2
     lines = _without_root_warning(out)
     assert "Traceback" not in out, out
     assert len(lines) == 1 and "invalid election timeout" in lines[0], lines
@@ -604,3 +612,48 @@ def test_leader_only_under_prefork_spawn(clusters: Any) -> None:
         assert r["token"] == r["term"], r
     assert {r["token"] for r in runs if r["i"] < 10} == {term}
     assert {r["token"] for r in runs if r["i"] >= 100} == {new_term} and new_term > term
+
+
+def _run_beat(tmp: Path, env: dict[str, str], until: str | None = None, timeout: float = 60.0) -> tuple[int | None, str]:
+    """``celery -A tests.celery_app beat``: until it exits, or until ``until`` shows in its output."""
+    cmd = [*celery_cli(), "-A", "tests.celery_app", "beat", "-l", "info", "-s", str(tmp / "beat-schedule")]
+    log = tmp / "beat.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        if until is None:
+            proc.wait(timeout)
+        else:
+            poll(lambda: until in log.read_text(errors="replace") or proc.poll() is not None, timeout,
+                 f"{until!r} from celery beat")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+    return (proc.returncode if until is None else None), log.read_text(errors="replace")
+
+
+def test_a_standalone_celery_beat_of_a_clustered_app_is_refused(tmp_path: Path) -> None:
+    """`celery -A proj beat` imports the app module, which installs the cluster: its leader
+    already runs beat, so a second one is refused with one line, before sending anything."""
+    rc, out = _run_beat(tmp_path, _refusal_env(tmp_path))
+    assert rc == 2, out
+    last = [line for line in out.splitlines() if line.strip()][-1]
+    # (celery beat sends what is printed to stderr through its logger: one log line)
+    assert "celery-cluster: this app runs beat on its elected cluster leader" in last, out
+    assert "cluster_allow_standalone_beat" in last and "Sending due task" not in out
+
+
+@pytest.mark.parametrize("setting", ["CELERY_CLUSTER_ALLOW_STANDALONE_BEAT=yes", "CELERY_CLUSTER_BEAT=no"])
+def test_a_standalone_celery_beat_runs_when_the_app_says_so(tmp_path: Path, setting: str) -> None:
+    broker = redis_broker()
+    try:
+        key, value = setting.split("=")
+        env = {**_refusal_env(tmp_path), "CC_TEST_BROKER": broker.url, key: value}
+        _, out = _run_beat(tmp_path, env, until="Sending due task tick")
+    finally:
+        broker.cleanup()
+    assert "Sending due task tick" in out and "celery-cluster:" not in out, out

@@ -14,6 +14,7 @@ import (the worker imports this module before it parses its options):
 ``CC_TEST_NODE``            this worker's short name (``w1``), stamped on every record
 ``CC_TEST_TRANSPORT_OPTIONS`` JSON object for ``broker_transport_options`` (optional)
 ``CC_TEST_SLOW_ELECTED``    seconds the ``leader_elected`` receiver takes (a slow user receiver)
+``CC_TEST_BEAT_SCHEDULER``  ``beat_scheduler`` (optional)
 
 Records (one JSON object per line, one ``os.write`` each), each stamped with ``t``
 (wall clock), ``mono`` (``time.monotonic()``), ``boot`` (the lease clock, CLOCK_BOOTTIME),
@@ -102,6 +103,8 @@ def create_app(
         app.conf.event_exchange = f"{control}.ev"
     if transport_options:
         app.conf.broker_transport_options = dict(transport_options)
+    if os.environ.get("CC_TEST_BEAT_SCHEDULER"):
+        app.conf.beat_scheduler = os.environ["CC_TEST_BEAT_SCHEDULER"]
 
     @app.task(name="tests.celery_app.tick", bind=True, shared=False)
     def tick(self: Any) -> None:
