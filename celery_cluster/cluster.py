@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -76,6 +77,7 @@ class Cluster:
         if persist:
             self.state_dir = os.fspath(state_dir) if state_dir is not None else str(default_state_dir(self.advertise))
             state_file: StateFile | None = StateFile(self.state_dir, self.advertise)
+            state_file.ensure_writable()
         else:
             if state_dir is not None:
                 raise ConfigurationError("persist=False and state_dir= contradict each other; pick one")
@@ -115,12 +117,27 @@ class Cluster:
             self.log.warning("[cluster] listening on %s without a shared secret: anyone who can reach it "
                              "can disrupt elections; set a secret (CELERY_CLUSTER_SECRET / --secret-file)",
                              self.listen)
-        if self.listen and self._server is None:
-            app = make_app(self.blueprint())
-            host, port = split_host_port(self.listen)
-            self._server = EmbeddedServer(app, host, port, rpc_endpoint=self.blueprint().rpc_endpoint)
+        self.bind()
+        if self._server is not None:
             self._server.start()
         self.node.start()
+
+    def bind(self) -> None:
+        """Take the listen address now (``start()`` does it if you don't): a port in use or
+        an address this host does not have is a :class:`ConfigurationError` naming it."""
+        if not self.listen or self._server is not None:
+            return
+        host, port = split_host_port(self.listen)
+        try:
+            self._server = EmbeddedServer(make_app(self.blueprint()), host, port,
+                                          rpc_endpoint=self.blueprint().rpc_endpoint)
+        except OSError as exc:
+            hint = {errno.EADDRINUSE: "another process listens there: pick another port",
+                    errno.EADDRNOTAVAIL: "this host has no such address: listen on one of its own addresses "
+                                         "(or 0.0.0.0) and advertise the one peers reach"}.get(
+                exc.errno, "check the address")
+            raise ConfigurationError(f"cannot listen on {self.listen} (the listen address): "
+                                     f"{exc.strerror or exc}: {hint}") from None
 
     def stop(self, *, transfer: bool = True, timeout: float = 1.0) -> None:
         """Hand leadership over if leading, then stop. Works whether or not start() ran."""

@@ -166,6 +166,9 @@ def _seconds(value: object, original: object) -> float:
 
 
 _RANGE_FORMS = "expected MIN-MAX seconds such as 1.0-2.0, or MIN alone"
+#: Longer election timeouts are surely a unit mistake (milliseconds), and would leave a
+#: dead leader unreplaced for minutes.
+MAX_ELECTION_TIMEOUT = 60.0
 
 
 def _invalid_range(value: object, problem: str = _RANGE_FORMS) -> ConfigurationError:
@@ -196,6 +199,9 @@ def parse_timeout_range(text: str | tuple[float, float] | list[float] | float) -
         raise _invalid_range(text)
     if low <= 0:
         raise _invalid_range(text, "the minimum must be more than 0 seconds")
+    if high > MAX_ELECTION_TIMEOUT:
+        raise _invalid_range(text, f"at most {MAX_ELECTION_TIMEOUT:g} s - the values are seconds, not "
+                                   "milliseconds (1.0-2.0 is one to two seconds)")
     if high <= low:
         raise _invalid_range(text, f"the maximum {high!r} s must be greater than the minimum {low!r} s")
     return low, high

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -392,11 +393,20 @@ class EmbeddedServer:
     """
 
     def __init__(self, app: Any, host: str, port: int, rpc_endpoint: RpcEndpoint | None = None) -> None:
-        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True,
-                                                   request_handler=_KeepAliveHandler)
+        # Bind here, so that a port in use or an address not on this host is an OSError for
+        # the caller to explain - werkzeug would print its own advice and sys.exit(1).
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+            self._server: BaseWSGIServer = make_server(host, port, app, threaded=True,
+                                                       request_handler=_KeepAliveHandler, fd=sock.fileno())
+        finally:
+            sock.close()  # the server holds a duplicate of it
         self._server.daemon_threads = True
         self._server.rpc_endpoint = rpc_endpoint  # type: ignore[attr-defined]
-        self.port = self._server.server_port
+        self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="celery-cluster-http", daemon=True)
 

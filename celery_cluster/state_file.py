@@ -64,6 +64,27 @@ class StateFile:
         # What the file is known to hold, so saving an unchanged state costs nothing.
         self._last: HardState | None = None
 
+    def ensure_writable(self) -> None:
+        """Create the directory (durably) and prove a file can be written and synced there,
+        so that a wrong path or permission is a clear error at start, not at the first vote.
+
+        Raises :class:`StateFileError` naming the directory and the OS error.
+        """
+        try:
+            _make_durable_dirs(self.directory)
+            fd, probe = tempfile.mkstemp(dir=self.directory, prefix=".probe.", suffix=".tmp")
+            try:
+                os.write(fd, b"celery-cluster")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as exc:
+            raise StateFileError(
+                f"cannot use state directory {self.directory}: {exc.strerror or exc}: give this node a "
+                "directory it can create and write (--state-dir / --cluster-state-dir)"
+            ) from None
+
     def load(self) -> HardState | None:
         """The stored state, or None if this node has never saved one.
 

@@ -3,9 +3,11 @@
 A *worker* step (consumer steps restart on every broker reconnect). Its
 lifecycle, in Celery's order:
 
-* ``__init__`` (all steps are built before any starts): resolve settings,
-  refuse wrong ones, create the leader-state file and export its path so pool
-  children - forked or spawned later - can read leadership;
+* ``__init__``: resolve settings and refuse wrong ones (no I/O);
+* ``create`` (all steps are created before any starts, still inside the
+  worker's construction): check the state directory, create the leader-state
+  file, build the node and take its listen address, and export what pool
+  children - forked or spawned later - need to read leadership;
 * ``start``: drop the leader queue from this worker's consumed queues, start
   the node and its HTTP server;
 * on leading: start consuming the leader queue (``call_soon`` onto the event
@@ -47,6 +49,7 @@ from .clock import lease_clock
 from .cluster import Cluster
 from .config import default_state_dir
 from .errors import ClusterError
+from .state_file import StateFile
 from .leader_tasks import LeaderQueueRouter, is_leader_only, leader_queue_name, mark_task
 from .settings import ClusterSettings, app_flag, resolve, worker_options
 
@@ -181,44 +184,63 @@ class ClusterStep(bootsteps.StartStopStep):
             refuse_foreign_scheduler(self.app)
         if options.get("beat"):
             refuse_embedded_beat(self.app, self.settings.beat)
-        state_dir = self.settings.state_dir or str(default_state_dir(self.settings.advertise))
-        mmap_path = os.path.join(state_dir, "leader.mmap")
-        try:
-            self.leader_state = leader_state.LeaderState(mmap_path, create=True)
-        except OSError as exc:
+        if getattr(worker.pool_cls, "is_green", False):
             raise ClusterMisconfigured(
-                f"celery-cluster: cannot create {mmap_path}: {exc.strerror or exc}: set --cluster-state-dir "
-                "to a directory this worker can write") from None
-        try:
-            self.cluster = Cluster(
-                self.settings.nodes,
-                listen=self.settings.listen,
-                advertise=self.settings.advertise,
-                on_leader=self._on_leader,
-                on_follower=self._on_follower,
-                on_failure=self._on_failure,
-                lease_sink=self.leader_state,
-                election_timeout=self.settings.election_timeout,
-                heartbeat_interval=self.settings.heartbeat_interval,
-                state_dir=state_dir,
-                secret_file=self.settings.secret_file,
-                clock=self.clock,
-            )
-        except ClusterError as exc:
-            raise ClusterMisconfigured(f"celery-cluster: {exc}") from None
-        self.cluster.status_extras = self._status_extras
-        self.cluster.health_extras = self._health_extras
-        # Pool children (forked or spawned) and this process's router use what we resolved.
-        os.environ["CELERY_CLUSTER_LEADER_QUEUE"] = self.settings.leader_queue
-        os.environ[leader_state.ENV_VAR] = str(self.leader_state.path)  # before the pool starts children
-        leader_state._shared = self.leader_state
-        _mark_leader_only_tasks(self.app)
+                f"celery-cluster: the {worker.pool_cls.__module__.rsplit('.', 1)[-1]} pool is not supported (the "
+                "cluster node runs OS threads and a selector loop, not greenlets): run the cluster on a prefork, "
+                "threads or solo worker and keep green pools for other queues")
 
     # -- bootstep hooks ----------------------------------------------------------
 
     def create(self, w: Any) -> ClusterStep:
+        """Build what the step needs on disk and on the network, in Celery's create()
+        phase - still inside the worker's construction, so a refusal is one line and exit
+        status 2 - and before the pool forks or spawns its children (they start later)."""
         w.cluster_step = self
+        assert self.settings is not None
+        try:
+            self.cluster = self._build()
+        except ClusterError as exc:
+            raise ClusterMisconfigured(f"celery-cluster: {exc}") from None
+        # Pool children (forked or spawned) and this process's router use what we resolved.
+        os.environ["CELERY_CLUSTER_LEADER_QUEUE"] = self.settings.leader_queue
+        os.environ[leader_state.ENV_VAR] = str(self.leader_state.path)
+        leader_state._shared = self.leader_state
+        _mark_leader_only_tasks(self.app)
         return self
+
+    def _build(self) -> Cluster:
+        assert self.settings is not None
+        state_dir = self.settings.state_dir or str(default_state_dir(self.settings.advertise))
+        StateFile(state_dir, self.settings.advertise).ensure_writable()
+        mmap_path = os.path.join(state_dir, "leader.mmap")
+        try:
+            self.leader_state = leader_state.LeaderState(mmap_path, create=True)
+        except OSError as exc:
+            raise ClusterError(f"cannot create {mmap_path}: {exc.strerror or exc}: set --cluster-state-dir "
+                               "to a directory this worker can write") from None
+        cluster = Cluster(
+            self.settings.nodes,
+            listen=self.settings.listen,
+            advertise=self.settings.advertise,
+            on_leader=self._on_leader,
+            on_follower=self._on_follower,
+            on_failure=self._on_failure,
+            lease_sink=self.leader_state,
+            election_timeout=self.settings.election_timeout,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            state_dir=state_dir,
+            secret_file=self.settings.secret_file,
+            clock=self.clock,
+        )
+        cluster.status_extras = self._status_extras
+        cluster.health_extras = self._health_extras
+        try:
+            cluster.bind()
+        except ClusterError:
+            cluster.stop(transfer=False)
+            raise
+        return cluster
 
     def start(self, w: Any) -> None:
         assert self.cluster is not None and self.settings is not None

@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -510,6 +511,17 @@ REFUSALS = {
                                      "--cluster-beat", "no"], "still leaves the cluster's beat on"),
     "redbeat": (["--cluster-nodes", "{a},{b},{c}", "--cluster-listen", "{a}", "env:CC_TEST_BEAT_SCHEDULER="
                  "redbeat.RedBeatScheduler"], "elects its own beat with a Redis lock"),
+    "timeout-in-milliseconds": (["--cluster-nodes", "{a},{b},{c}", "--cluster-listen", "{a}",
+                                 "--cluster-election-timeout", "1000-2000"], "seconds, not milliseconds"),
+    "state-dir-unusable": (["--cluster-nodes", "{a},{b},{c}", "--cluster-listen", "{a}",
+                            "--cluster-state-dir", "/proc/celery-cluster-state"],
+                           "cannot use state directory /proc/celery-cluster-state"),
+    "port-in-use": (["--cluster-nodes", "{busy},{b},{c}", "--cluster-listen", "{busy}"],
+                    "cannot listen on {busy} (the listen address): Address already in use"),
+    "address-not-here": (["--cluster-nodes", "192.0.2.1:{port},{b},{c}", "--cluster-listen", "192.0.2.1:{port}"],
+                         "this host has no such address"),
+    "gevent-pool": (["--cluster-nodes", "{a},{b},{c}", "--cluster-listen", "{a}", "-P", "gevent"],
+                    "the gevent pool is not supported"),
     # The app routes leader-only tasks to the default leader queue; the CLI names another.
     "leader-queue-mismatch": (["--cluster-nodes", "{a},{b},{c}", "--cluster-listen", "{a}",
                                "--cluster-leader-queue", "cct.elsewhere"],
@@ -523,13 +535,15 @@ def _refusal_env(tmp: Path) -> dict[str, str]:
             "CC_TEST_RECORD": str(tmp / "records.jsonl"), "XDG_STATE_HOME": str(tmp / "xdg")}
 
 
-def _run_refusal(case: str, tmp: Path) -> tuple[int, str]:
+def _run_refusal(case: str, tmp: Path, busy: str = "") -> tuple[int, str]:
     a, b, c = (f"{HOST}:{p}" for p in free_ports(3))
-    args = [x.format(a=a, b=b, c=c) for x in REFUSALS[case][0]]
+    port = free_ports(1)[0]
+    args = [x.format(a=a, b=b, c=c, busy=busy, port=port) for x in REFUSALS[case][0]]
     env = _refusal_env(tmp)
     env.update(x[4:].split("=", 1) for x in args if x.startswith("env:"))  # type: ignore[arg-type]
     args = [x for x in args if not x.startswith("env:")]
-    cmd = [*celery_cli(), "-A", "tests.celery_app", "worker", "-P", "prefork", "-c", "1", "-n",
+    pool = [] if "-P" in args else ["-P", "prefork"]
+    cmd = [*celery_cli(), "-A", "tests.celery_app", "worker", *pool, "-c", "1", "-n",
            f"refuse-{case}@cct", "-l", "info", "--cluster-state-dir", str(tmp / case), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -562,12 +576,18 @@ def _without_root_warning(out: str) -> list[str]:
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_worker_refuses_bad_cluster_options(case: str, tmp_path: Path) -> None:
-    rc, out = _run_refusal(case, tmp_path)
+    with socket.socket() as held:  # for port-in-use: somebody else's listener
+        held.bind((HOST, 0))
+        held.listen(1)
+        busy = f"{HOST}:{held.getsockname()[1]}"
+        rc, out = _run_refusal(case, tmp_path, busy=busy)
     assert rc == 2, out  # wrong settings: exit 2, as celery-cluster node
-    reason = REFUSALS[case][1]
+    reason = REFUSALS[case][1].format(busy=busy)
     last = [line for line in out.splitlines() if line.strip()][-1]
     assert "celery-cluster:" in last and reason in last, out  # the reason, on one line, is the last word
     assert " ready." not in out and "Connected to" not in out
+    # Nothing was written: no state file anywhere under the test's directories.
+    assert not list(tmp_path.rglob("state.json")), list(tmp_path.rglob("*"))
 
 
 def test_worker_refusal_is_one_line(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -542,3 +543,38 @@ def test_bad_arguments_exit_2_with_one_line(harness: Harness) -> None:
         lines = err.decode(errors="replace").splitlines()
         assert p.returncode == 2, (name, p.returncode, lines)
         assert len(lines) == 1 and lines[0].startswith("celery-cluster: error:"), (name, lines)
+
+
+def test_careless_settings_exit_2_naming_what_to_change(harness: Harness) -> None:
+    """A port someone else holds, an address this host does not have, a state directory that
+    cannot be created, an election timeout in milliseconds: one line naming the value and
+    what to change, exit 2, and no state written."""
+    a, b, c = (f"{HOST}:{p}" for p in free_ports(3))
+    held = socket.socket()
+    held.bind((HOST, 0))
+    held.listen(1)
+    busy = f"{HOST}:{held.getsockname()[1]}"
+    foreign = f"192.0.2.1:{free_ports(1)[0]}"  # TEST-NET-1: on no host (nothing is sent to it)
+    timing = ["--election-timeout", "0.5-1.0", "--heartbeat-interval", "0.05"]
+    cases = {
+        "port in use": (["--listen", busy, "--nodes", f"{busy},{b},{c}", *timing],
+                        f"cannot listen on {busy} (the listen address): Address already in use"),
+        "address not here": (["--listen", foreign, "--nodes", f"{foreign},{b},{c}", *timing],
+                             "this host has no such address"),
+        "state dir unusable": (["--listen", a, "--nodes", f"{a},{b},{c}", "--state-dir", "/proc/cc-state", *timing],
+                               "cannot use state directory /proc/cc-state"),
+        "timeout in milliseconds": (["--listen", a, "--nodes", f"{a},{b},{c}", "--election-timeout", "1000-2000"],
+                                    "seconds, not milliseconds"),
+    }
+    try:
+        for name, (args, reason) in cases.items():
+            if "--state-dir" not in args:
+                args = [*args, "--state-dir", str(harness.tmp / name.replace(" ", "-"))]
+            p = subprocess.run([*_cli(), "node", *args], stdin=subprocess.DEVNULL, capture_output=True,
+                               env=harness.env, timeout=30, preexec_fn=die_with_parent)
+            lines = p.stderr.decode(errors="replace").splitlines()
+            assert p.returncode == 2, (name, p.returncode, lines)
+            assert len(lines) == 1 and lines[0].startswith("celery-cluster: error:") and reason in lines[0], (name, lines)
+    finally:
+        held.close()
+    assert not list(harness.tmp.rglob("state.json"))
