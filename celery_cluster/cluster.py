@@ -171,8 +171,10 @@ class Cluster:
         """The node's status plus, per peer, recent heartbeat round trips (``heartbeat_rtt``)."""
         status = self.node.status()
         rtts = self.client.heartbeat_rtts()
+        refusals = self.client.refusals()
         for peer in status["nodes"]:
             peer["heartbeat_rtt"] = rtts.get(peer["address"])
+            peer["refuses_us"] = refusals.get(peer["address"])
         if self.status_extras is not None:
             status.update(self.status_extras())
         return status

@@ -29,10 +29,14 @@ import time
 from typing import Callable
 
 from .auth import Signer
+from .log_limit import LogLimiter
 from .election import Envelope
 from .messages import AppendEntries, Message, TimeoutNow, VoteRequest, decode, encode
 
 log = logging.getLogger("celery_cluster.http")
+_refusals = LogLimiter(log)
+#: A refusal older than this no longer shows in status (the peer has accepted since, or is gone).
+REFUSAL_SHOWN_FOR = 30.0
 
 BASE_PATH = "/cluster"
 _MAX_RESPONSE = 1 << 20
@@ -46,6 +50,14 @@ def endpoint_for(msg: Message) -> str:
     if isinstance(msg, TimeoutNow):
         return "timeoutnow"
     raise TypeError(f"{type(msg).__name__} is a response, not a request")
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    return str(error) if error else body[:200].decode(errors="replace")
 
 
 def parse_response(buf: bytes) -> tuple[int, bytes, bool, int] | None:
@@ -91,6 +103,7 @@ class _Peer:
         self.sent_at = 0.0
         self.deadline = 0.0
         self.rtts: collections.deque[float] = collections.deque(maxlen=512)  # heartbeat round trips, s
+        self.refused: tuple[int, str, float] | None = None  # the peer's last refusal: status, error, when
 
     def enqueue(self, msg: Message) -> None:
         if isinstance(msg, AppendEntries):
@@ -160,6 +173,17 @@ class PeerClient:
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(1.0)
+
+    def refusals(self) -> dict[str, dict[str, object] | None]:
+        """Per peer: its last refusal of our requests (HTTP status and error) if it was
+        within :data:`REFUSAL_SHOWN_FOR` seconds and nothing was accepted since, else None."""
+        now = time.monotonic()
+        out: dict[str, dict[str, object] | None] = {}
+        for address, peer in self._peers.items():
+            r = peer.refused
+            out[address] = ({"status": r[0], "error": r[1], "seconds_ago": round(now - r[2], 1)}
+                            if r is not None and now - r[2] < REFUSAL_SHOWN_FOR else None)
+        return out
 
     def heartbeat_rtts(self) -> dict[str, dict[str, float | int | None]]:
         """Per peer: p50/p99 of recent heartbeat round trips (ms), for status and the benchmark."""
@@ -301,6 +325,8 @@ class PeerClient:
         msg = peer.in_flight
         if isinstance(msg, AppendEntries) and msg.payload is None:
             peer.rtts.append(time.perf_counter() - peer.sent_at)
+        if status in (200, 204):
+            peer.refused = None
         self._finish(peer)
         if close:
             self._disconnect(peer)
@@ -310,7 +336,11 @@ class PeerClient:
         if status == 204:
             return
         if status != 200:
-            log.warning("[cluster] %s refused a request: HTTP %s %s", peer.address, status, body[:200])
+            error = _error_text(body)
+            peer.refused = (status, error, time.monotonic())
+            _refusals.warning((peer.address, status), "[cluster] %s refuses our requests: HTTP %s %s%s",
+                              peer.address, status, error,
+                              " - check that every node has the same shared secret" if status == 401 else "")
             return
         try:
             reply = decode(json.loads(body))

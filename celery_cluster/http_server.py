@@ -34,8 +34,9 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wsgi import LimitedStream
 
-from .auth import Signer
+from .auth import SENDER_HEADER, Signer
 from .errors import AuthenticationError, ProtocolError, TransferError
+from .log_limit import LogLimiter
 from .messages import MAX_PAYLOAD_LEN, AppendEntries, TimeoutNow, VoteRequest, decode, encode
 from .node import NodeStopped
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from .node import Node
 
 log = logging.getLogger("celery_cluster.http")
+_refusals = LogLimiter(log)
 
 #: Largest request body accepted (a payload plus its envelope).
 MAX_BODY = MAX_PAYLOAD_LEN + 64 * 1024
@@ -126,7 +128,11 @@ class RpcEndpoint:
             if msg.sender not in self.node.members or msg.sender == self.node.id:
                 raise _Reject(403, f"{msg.sender} is not a peer of {self.node.id}")
         except _Reject as rej:
-            log.warning("[cluster] refused %s from %s: %s", path, remote, rej.message)
+            # Name the peer by the node address it claims (unverified: it is what an operator
+            # recognises), and say it once, then every 30 s with a count - not per heartbeat.
+            claimed = headers.get(SENDER_HEADER) or "?"
+            _refusals.warning((claimed, remote, rej.status), "[cluster] refused %s from %s (says it is %s): %s",
+                              path, remote, claimed, rej.message)
             return rej.status, json.dumps({"error": rej.message}).encode()
         try:
             reply = self.node.handle_request(msg)
@@ -360,8 +366,8 @@ class _KeepAliveHandler(WSGIRequestHandler):
                       close=closes_connection(code))
 
     def _refuse(self, rej: _Reject) -> None:
-        log.warning("[cluster] refused %s %s from %s: %s", self.command, self.path, self.client_address[0],
-                    rej.message)
+        _refusals.warning((self.client_address[0], rej.status), "[cluster] refused %s %s from %s: %s",
+                          self.command, self.path, self.client_address[0], rej.message)
         self._respond(rej.status, [("Content-Type", "application/json")],
                       json.dumps({"error": rej.message}).encode(), close=closes_connection(rej.status, rej))
 

@@ -26,7 +26,9 @@ row per answering worker::
 
 ``--json`` prints the raw replies (``{worker: status}``). No reply at all within
 ``--timeout`` exits with status 1; a leader whose beat is not running (the
-schedule has stopped although the cluster has a leader) exits with status 2.
+schedule has stopped although the cluster has a leader) exits with status 2;
+workers answering under one node name (several started as ``celery@host``)
+are all shown and the command exits with status 3.
 """
 
 from __future__ import annotations
@@ -42,14 +44,39 @@ from celery.exceptions import CeleryCommandException
 INSPECT_COMMAND = "cluster_status"
 EXIT_NO_REPLY = 1
 EXIT_BEAT_DOWN = 2
+EXIT_DUPLICATE_NAMES = 3
 
 HEADERS = ("NODE", "ROLE", "TERM", "LEADER", "LAST CONTACT (ms)", "BEAT", "LEADER QUEUE")
 
 
 def request_status(app: Any, timeout: float = 1.0, destination: list[str] | None = None) -> dict[str, Any]:
-    """``{worker name: cluster_status reply}`` from every worker that answered within ``timeout``."""
-    replies = app.control.inspect(timeout=timeout, destination=destination)._request(INSPECT_COMMAND)
-    return dict(replies or {})
+    """``{worker name: cluster_status reply}`` from every worker that answered within ``timeout``.
+
+    Workers that answer under the same node name (several started as ``celery@host``)
+    are all kept, as ``name#2``, ``name#3``...: Celery's own inspect would keep one.
+    """
+    replies = app.control.broadcast(INSPECT_COMMAND, reply=True, timeout=timeout, destination=destination)
+    out: dict[str, Any] = {}
+    for item in replies or ():
+        for name, reply in item.items():
+            key, n = name, 1
+            while key in out:
+                n += 1
+                key = f"{name}{DUPLICATE_MARK}{n}"
+            out[key] = reply
+    return out
+
+
+DUPLICATE_MARK = "#"
+
+
+def duplicate_names(replies: Mapping[str, Any]) -> dict[str, int]:
+    """Node name -> how many workers answered under it, for names more than one used."""
+    counts: dict[str, int] = {}
+    for key in replies:
+        name = key.split(DUPLICATE_MARK, 1)[0]
+        counts[name] = counts.get(name, 0) + 1
+    return {name: n for name, n in counts.items() if n > 1}
 
 
 def _fmt_ms(value: Any) -> str:
@@ -169,7 +196,28 @@ def summary(replies: Mapping[str, Any]) -> str:
     problems = beat_problems(replies)
     if problems:
         text += "\nWARNING: leader has no running beat (the schedule is not being sent): " + "; ".join(problems)
+    for name, n in sorted(duplicate_names(replies).items()):
+        text += (f"\nWARNING: {n} workers answered as {name}: give each worker its own name "
+                 "(celery worker -n w1@%h, -n w2@%h, ...), or their replies hide each other")
+    refusals = refusal_problems(replies)
+    if refusals:
+        text += "\nWARNING: peers refuse requests: " + "; ".join(refusals)
     return text
+
+
+def refusal_problems(replies: Mapping[str, Any]) -> list[str]:
+    """"<peer> refuses <worker>: HTTP 401 ..." for every refusal a worker saw lately."""
+    out = []
+    for worker, reply in sorted(replies.items()):
+        if not isinstance(reply, dict):
+            continue
+        for peer in reply.get("nodes") or ():
+            refused = isinstance(peer, dict) and peer.get("refuses_us")
+            if refused:
+                hint = " - check that every node has the same secret" if refused.get("status") == 401 else ""
+                out.append(f"{peer.get('address')} refuses {worker} ({reply.get('id')}): HTTP {refused.get('status')} "
+                           f"{refused.get('error')}{hint}")
+    return out
 
 
 @click.group(name="cluster")
@@ -209,6 +257,9 @@ def status(ctx: click.Context, timeout: float, destination: list[str] | None, as
             ctx.obj.echo("\n" + summary(replies))
     if beat_problems(replies):
         ctx.exit(EXIT_BEAT_DOWN)
+    if duplicate_names(replies):
+        ctx.exit(EXIT_DUPLICATE_NAMES)
 
 
-__all__ = ["cluster", "status", "request_status", "build_rows", "format_table", "summary", "beat_problems"]
+__all__ = ["cluster", "status", "request_status", "build_rows", "format_table", "summary", "beat_problems",
+           "duplicate_names", "refusal_problems"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 import threading
 import time
@@ -601,6 +602,43 @@ def test_three_nodes_with_a_shared_secret_elect_a_leader(tmp_path: Path) -> None
         assert resp.status == 200, resp
         assert resp.json() == {"transferred_to": follower.id, "from": leader.id}
         wait_for(lambda: agreed() is follower, what="the transfer target to lead")
+    finally:
+        stop_all(cls)
+
+
+def test_a_node_with_the_wrong_secret_is_named_once_and_shown_in_status(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Wrong secret on one node: each side says so once (then a count every 30 s, not ten
+    lines a second), names the peer by its node address, and status shows who refuses whom."""
+    nodes = addresses(3)
+    secrets = {nodes[0]: SECRET, nodes[1]: SECRET, nodes[2]: "not the cluster's secret"}
+    cls = [Cluster(nodes, listen=me, state_dir=tmp_path / str(i), secret=secrets[me], **FAST)
+           for i, me in enumerate(nodes)]
+    caplog.set_level(logging.WARNING, logger="celery_cluster.http")
+    try:
+        for cl in cls:
+            cl.start()
+        good, odd = cls[:2], cls[2]
+        leader = wait_for(lambda: the_leader(cls, good), what="a leader among the two nodes sharing the secret")
+
+        def refused_by(cl: Cluster) -> dict[str, Any]:
+            return {n["address"]: n["refuses_us"] for n in cl.status()["nodes"] if n["refuses_us"]}
+
+        # The odd node's pre-votes are refused by both; the leader's heartbeats by the odd one.
+        wait_for(lambda: set(refused_by(odd)) == {good[0].id, good[1].id}, what="the odd node to see refusals")
+        wait_for(lambda: odd.id in refused_by(leader), what="the leader to see the odd node refuse it")
+        assert refused_by(leader)[odd.id]["status"] == 401
+        assert "signature" in refused_by(leader)[odd.id]["error"]
+        deadline = time.monotonic() + 1.0  # ~20 heartbeats refused meanwhile
+        while time.monotonic() < deadline:
+            time.sleep(0.05)  # the observation window
+        lines = [r.getMessage() for r in caplog.records if r.name == "celery_cluster.http"]
+        refusing = [m for m in lines if "refuses our requests" in m]
+        refused = [m for m in lines if m.startswith("[cluster] refused")]
+        assert refusing and refused
+        assert len(lines) <= 8, lines  # once per (peer, kind), not once per heartbeat
+        assert any(odd.id in m and "same shared secret" in m for m in refusing), refusing
+        assert all(any(f"says it is {n})" in m for n in nodes) for m in refused), refused  # the peer's name
     finally:
         stop_all(cls)
 

@@ -183,6 +183,17 @@ def test_lapsed_lease_and_only_off_workers() -> None:
     assert summary(off) == "1 worker replied; leader election is off on all of them"
 
 
+def test_peers_refusing_requests_are_flagged() -> None:
+    replies = dict(THREE)
+    replies["celery@a"] = {**THREE["celery@a"], "nodes": [
+        {"address": B, "last_contact_ms": 12.3, "heartbeat_rtt": None, "refuses_us": None},
+        {"address": C, "last_contact_ms": None, "heartbeat_rtt": None,
+         "refuses_us": {"status": 401, "error": "bad signature", "seconds_ago": 0.1}}]}
+    lines = summary(replies).splitlines()
+    assert lines[1] == (f"WARNING: peers refuse requests: {C} refuses celery@a ({A}): HTTP 401 bad signature - "
+                        "check that every node has the same secret")
+
+
 def test_a_leader_whose_beat_is_failing_is_flagged() -> None:
     failing = dict(THREE)
     failing["celery@a"] = {**THREE["celery@a"], "beat_running": False, "beat_enabled": True,
@@ -253,6 +264,26 @@ def test_command_exits_2_when_the_leader_has_no_running_beat(memory_app_module: 
         result = _invoke(memory_app_module, *extra)
         assert result.exit_code == EXIT_BEAT_DOWN, result.output
     assert "WARNING: leader has no running beat" in _invoke(memory_app_module).output
+
+
+def test_workers_answering_under_one_name_are_all_shown_and_flagged(memory_app_module: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three workers started as the README's first draft did (no -n): all `celery@host`."""
+    class FakeControl:
+        def broadcast(self, command: str, **kwargs: Any) -> list[dict[str, Any]]:
+            assert command == "cluster_status" and kwargs["reply"] is True
+            return [{"celery@host": THREE["celery@a"]}, {"celery@host": THREE["celery@b"]},
+                    {"celery@host": _status(C, leader=A)}]
+
+    app = type("App", (), {"control": FakeControl()})()
+    replies = status_command.request_status(app)
+    assert list(replies) == ["celery@host", "celery@host#2", "celery@host#3"]
+    assert status_command.duplicate_names(replies) == {"celery@host": 3}
+    monkeypatch.setattr(status_command, "request_status", lambda app, timeout=1.0, destination=None: replies)
+    result = _invoke(memory_app_module)
+    assert result.exit_code == status_command.EXIT_DUPLICATE_NAMES, result.output
+    assert "WARNING: 3 workers answered as celery@host: give each worker its own name" in result.output
+    assert f"celery@host#3 ({C})" in result.output  # none of them hidden
 
 
 def test_entry_point_is_registered() -> None:
