@@ -38,7 +38,8 @@ class Cluster:
     state pool processes read); ``clock`` is the lease clock (tests inject one).
 
     State (term, vote, replicated payload) is kept in ``state_dir`` - by default
-    ``$XDG_STATE_HOME/celery-cluster/<advertise>`` (``~/.local/state/...``).
+    ``$XDG_STATE_HOME/celery-cluster/<role>/<advertise>`` (``~/.local/state/...``; ``role``
+    is ``node`` unless the caller says who it is, as the Celery worker does).
     ``persist=False`` keeps it in memory only and gives up the no-double-vote
     guarantee across restarts; it must be asked for and warns.
     """
@@ -62,6 +63,7 @@ class Cluster:
         on_failure: Callable[[BaseException], Any] | None = None,
         lease_sink: LeaseSink | None = None,
         clock: Callable[[], float] = lease_clock,
+        role: str = "node",
     ) -> None:
         self.log = logger or log
         self.members = parse_nodes(nodes)
@@ -75,7 +77,8 @@ class Cluster:
         secret_bytes = load_secret(secret=secret, secret_file=secret_file)
         self.signer = Signer(secret_bytes) if secret_bytes else None
         if persist:
-            self.state_dir = os.fspath(state_dir) if state_dir is not None else str(default_state_dir(self.advertise))
+            self.state_dir = (os.fspath(state_dir) if state_dir is not None
+                              else str(default_state_dir(self.advertise, role)))
             state_file: StateFile | None = StateFile(self.state_dir, self.advertise)
             state_file.ensure_writable()
         else:

@@ -260,16 +260,30 @@ class Timing:
         return min(max(5 * self.heartbeat_interval, 0.05), self.election_timeout[0] / 2)
 
 
-def default_state_dir(advertise: str) -> Path:
+def default_state_dir(advertise: str, role: str | None = None) -> Path:
     """The documented per-node default state directory.
 
-    ``$XDG_STATE_HOME/celery-cluster/<name>``, or ``~/.local/state/celery-cluster/<name>``
+    ``$XDG_STATE_HOME/celery-cluster/<role>/<name>``, or ``~/.local/state/celery-cluster/...``
     when ``XDG_STATE_HOME`` is unset or not absolute (as the XDG spec requires), where
     ``<name>`` is the normalised advertise address with every character outside
-    ``[A-Za-z0-9._-]`` replaced by ``_``: ``127.0.0.1_8899``, ``__1__8899`` for ``[::1]:8899``.
+    ``[A-Za-z0-9._-]`` replaced by ``_``: ``127.0.0.1_8899``, ``__1__8899`` for ``[::1]:8899``,
+    and ``<role>`` says who keeps state there - ``node`` for ``celery-cluster node``,
+    ``worker-<app name>`` for a worker - so that a standalone node and a worker (or two
+    apps) that use the same address one after the other never share a term or a vote.
     One directory per address lets several nodes share a machine without sharing a vote.
+
+    Without ``role`` (and for a directory an earlier release made): ``celery-cluster/<name>``.
     """
     name = _UNSAFE_PATH_CHARS_RE.sub("_", parse_address(advertise))
     xdg = os.environ.get("XDG_STATE_HOME", "")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
-    return base / "celery-cluster" / name
+    base = (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state") / "celery-cluster"
+    if role is None:
+        return base / name
+    keyed = base / _UNSAFE_PATH_CHARS_RE.sub("_", role) / name
+    earlier = base / name
+    if not keyed.exists() and (earlier / "state.json").exists():
+        # Keep the term and vote an earlier release saved: starting afresh could vote twice.
+        logger.warning("using the state directory %s an earlier release made; move it to %s "
+                       "(or set the state directory) to keep it apart from other roles and apps", earlier, keyed)
+        return earlier
+    return keyed

@@ -209,9 +209,14 @@ class ClusterStep(bootsteps.StartStopStep):
         _mark_leader_only_tasks(self.app)
         return self
 
+    @property
+    def role(self) -> str:
+        """Who keeps state in the default state directory: this app's workers."""
+        return f"worker-{self.app.main or 'celery'}"
+
     def _build(self) -> Cluster:
         assert self.settings is not None
-        state_dir = self.settings.state_dir or str(default_state_dir(self.settings.advertise))
+        state_dir = self.settings.state_dir or str(default_state_dir(self.settings.advertise, self.role))
         StateFile(state_dir, self.settings.advertise).ensure_writable()
         mmap_path = os.path.join(state_dir, "leader.mmap")
         try:
@@ -221,6 +226,7 @@ class ClusterStep(bootsteps.StartStopStep):
                                "to a directory this worker can write") from None
         cluster = Cluster(
             self.settings.nodes,
+            role=self.role,
             listen=self.settings.listen,
             advertise=self.settings.advertise,
             on_leader=self._on_leader,

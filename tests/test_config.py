@@ -492,3 +492,24 @@ def test_default_state_dir_does_no_io(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "missing"))
     default_state_dir("h:1")
     assert not (tmp_path / "missing").exists()
+
+
+def test_default_state_dir_is_kept_apart_per_role(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A standalone node and a worker (or two apps) on one address never share a vote."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    node, worker, other = (default_state_dir("127.0.0.1:8899", role)
+                           for role in ("node", "worker-proj", "worker-other app"))
+    assert node == tmp_path / "celery-cluster" / "node" / "127.0.0.1_8899"
+    assert worker == tmp_path / "celery-cluster" / "worker-proj" / "127.0.0.1_8899"
+    assert other.parent.name == "worker-other_app"
+    assert len({node, worker, other}) == 3
+
+
+def test_a_state_directory_of_an_earlier_release_is_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    earlier = tmp_path / "celery-cluster" / "127.0.0.1_8899"
+    earlier.mkdir(parents=True)
+    (earlier / "state.json").write_text("{}")
+    assert default_state_dir("127.0.0.1:8899", "node") == earlier  # its term and vote are not dropped
+    assert "an earlier release made" in caplog.text
