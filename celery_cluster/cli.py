@@ -22,6 +22,7 @@ import click
 from .cluster import Cluster
 from .config import parse_timeout_range
 from .errors import ClusterError
+from .stepdown_command import stepdown_command
 
 #: Exit status of a node that fail-stopped because its state could not be saved.
 EXIT_STATE_NOT_DURABLE = 3
@@ -90,6 +91,9 @@ def node(listen: str, nodes: str, advertise: str | None, election_timeout: str, 
     sys.exit(0)
 
 
+cli.add_command(stepdown_command)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="celery-cluster",
@@ -97,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.UsageError as exc:  # one line, exit 2, like other bad arguments
         click.echo(f"celery-cluster: error: {exc.format_message()}", err=True)
         sys.exit(2)
+    except click.ClickException as exc:  # one line with its own exit status
+        click.echo(exc.format_message(), err=True)
+        sys.exit(exc.exit_code)
     except click.Abort:
         sys.exit(1)
 

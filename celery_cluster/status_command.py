@@ -261,5 +261,36 @@ def status(ctx: click.Context, timeout: float, destination: list[str] | None, as
         ctx.exit(EXIT_DUPLICATE_NAMES)
 
 
-__all__ = ["cluster", "status", "request_status", "build_rows", "format_table", "summary", "beat_problems",
+@cluster.command(name="stepdown", cls=CeleryCommand)
+@click.option("--to", cls=CeleryOption, default=None, help_group="Stepdown Options",
+              help="HOST:PORT of the member to hand over to (default: the best reachable one).")
+@click.option("-t", "--timeout", cls=CeleryOption, type=float, default=5.0, show_default=True,
+              help_group="Remote Control Options", help="Seconds to wait for the leader's answer.")
+@click.pass_context
+@handle_preload_options
+def stepdown(ctx: click.Context, to: str | None, timeout: float, **kwargs: Any) -> None:
+    """Make the leader hand leadership over (a planned handover, as SIGTERM would, without stopping it)."""
+    app = ctx.obj.app
+    try:
+        replies = app.control.broadcast("cluster_stepdown", arguments={"to": to}, reply=True, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - broker errors become a clean CLI error
+        handle_remote_command_error("cluster stepdown", exc)
+    leaders = [(worker, r) for item in replies or () for worker, r in item.items()
+               if isinstance(r, dict) and r.get("leader")]
+    if not leaders:
+        raise CeleryCommandException(
+            message=f"No worker answered as the cluster leader within {timeout:g}s (is there a leader? "
+                    "see `celery -A proj cluster status`)", exit_code=EXIT_NO_REPLY)
+    failed = False
+    for worker, r in leaders:
+        if r.get("error"):
+            ctx.obj.error(f"{worker} ({r.get('id')}) could not hand over: {r['error']}")
+            failed = True
+        else:
+            ctx.obj.echo(f"{worker} ({r.get('id')}) handed leadership over to {r.get('transferred_to')}")
+    if failed:
+        ctx.exit(EXIT_NO_REPLY)
+
+
+__all__ = ["cluster", "status", "stepdown", "request_status", "build_rows", "format_table", "summary", "beat_problems",
            "duplicate_names", "refusal_problems"]

@@ -677,3 +677,18 @@ def test_a_standalone_celery_beat_runs_when_the_app_says_so(tmp_path: Path, sett
     finally:
         broker.cleanup()
     assert "Sending due task tick" in out and "celery-cluster:" not in out, out
+
+
+def test_celery_cluster_stepdown_hands_leadership_over(clusters: Any, tmp_path: Path) -> None:
+    """`celery -A proj cluster stepdown [--to NODE]` through the broker: no secret needed."""
+    c = clusters("redis")
+    c.start()
+    leader, term = c.wait_leader()
+    target = next(w for w in c.workers.values() if w is not leader)
+    env = {**c.env}
+    proc = subprocess.run([*celery_cli(), "-A", "tests.celery_app", "cluster", "stepdown", "--to", target.address],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert f"handed leadership over to {target.address}" in proc.stdout
+    new, new_term = c.wait_leader(timeout=10, min_term=term + 1)
+    assert new is target and "reason: transfer" in leader.log_text()

@@ -578,3 +578,29 @@ def test_careless_settings_exit_2_naming_what_to_change(harness: Harness) -> Non
     finally:
         held.close()
     assert not list(harness.tmp.rglob("state.json"))
+
+
+def test_stepdown_from_the_shell_with_a_secret(harness: Harness) -> None:
+    """`celery-cluster stepdown`: refused without the secret (exit 1, says why), signed with
+    it: the leader hands over - also when asked through a follower, and to a chosen node."""
+    secret = harness.tmp / "secret"
+    secret.write_text("s3cret\n")
+    group, _ = harness.start_cluster(3, ["--secret-file", str(secret)])
+    leader, term = harness.wait_for(group, one_leader(group), lease_clock() + 10, "a leader")
+
+    def stepdown(node: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*_cli(), "stepdown", "--node", node, *extra], capture_output=True, text=True,
+                              env=harness.env, timeout=30, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+
+    p = stepdown(leader)
+    assert p.returncode == 1 and "HTTP 401" in p.stderr and "--secret-file" in p.stderr, (p.stdout, p.stderr)
+    assert harness.wait_for(group, one_leader(group), lease_clock() + 5, "the same leader") == (leader, term)
+
+    follower, other = [m.addr for m in group if m.addr != leader]
+    p = stepdown(follower, "--secret-file", str(secret), "--to", other)  # asked through a follower
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert p.stdout.strip() == f"leadership handed over from {leader} to {other}"
+    new, new_term = harness.wait_for(group, one_leader(group, exclude=[leader]), lease_clock() + 5, "the new leader")
+    assert (new, new_term > term) == (other, True)
+    assert stepped_down(by_addr(group, leader), term)["reason"] == "transfer"
+    harness.assert_no_overlap()
