@@ -4,5 +4,5 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY celery_cluster ./celery_cluster
 COPY examples ./examples
-RUN pip install --no-cache-dir . redis
+RUN pip install --no-cache-dir . "celery[redis]"
 ENV PYTHONPATH=/app
