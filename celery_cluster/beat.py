@@ -4,12 +4,13 @@ One :class:`LeaderBeat` per term of leadership (a stopped service cannot be
 restarted - see shared notes): a thread in the worker process that runs the
 configured scheduler class, made replicated by :func:`replicated_scheduler`.
 
-For every firing, :meth:`ReplicatedSchedulerMixin.apply_entry`
+For the firings of every round - everything ``tick()`` finds due at once, see
+:meth:`ReplicatedSchedulerMixin.tick` - the leader
 
-1. records the entry's new ``last_run_at``/``total_run_count`` in the cluster
-   payload and waits until a majority holds it (sent at once, not at the next
-   heartbeat);
-2. re-checks the lease (``is_leader(now)``) right before publishing;
+1. records each entry's new ``last_run_at``/``total_run_count`` in the cluster
+   payload, all in one update, and waits until a majority holds it (sent at
+   once, not at the next heartbeat);
+2. re-checks the lease (``is_leader(now)``) right before each publish;
 3. publishes with headers ``cluster_term`` (the fencing token) and
    ``cluster_run`` (the entry's replicated run count: a duplicate firing would
    repeat a number, a skipped one would leave a gap).
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("celery_cluster.beat")
 
 PAYLOAD_FORMAT = 1
+#: The most firings one replicated update records (a round with more due takes several).
+MAX_BATCH = 10_000
 
 
 #: name -> (last_run_at, total_run_count): what the cluster knows was fired, per entry.
@@ -140,34 +143,66 @@ class ReplicatedSchedulerMixin:
         self._seeded = schedule
         self._heap = None  # rebuild from the seeded times
 
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        """Celery's ``tick()`` sends one due entry per call and answers 0 while more are due:
+        call it while it does, collecting what it fires, then record them all in one
+        replicated update and publish them - a round costs O(entries due), not one commit
+        (and one copy of the whole state on every node's disk) per entry."""
+        self._batch: list[tuple[Any, Any, Any]] | None = []
+        try:
+            interval = super().tick(*args, **kwargs)  # type: ignore[misc]
+            while interval == 0 and self._batch and len(self._batch) < MAX_BATCH:
+                interval = super().tick(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            batch, self._batch = self._batch, None
+            if batch:
+                self._fire(batch)
+        return interval
+
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
-        beat = self.cluster_beat
         reserved = self._reserved.pop(entry.name, None) or self.schedule[entry.name]  # type: ignore[attr-defined]
-        state = {**self._state, entry.name: (reserved.last_run_at, reserved.total_run_count)}
+        if getattr(self, "_batch", None) is not None:
+            self._batch.append((entry, reserved, producer))  # type: ignore[union-attr]
+        else:  # called outside tick(), by a driver of its own
+            self._fire([(entry, reserved, producer)])
+
+    def _fire(self, batch: list[tuple[Any, Any, Any]]) -> None:
+        """Record ``batch`` (entry, reserved entry, producer) in the replicated state, then
+        publish each - under one piece of leader work a planned handover waits for."""
+        beat = self.cluster_beat
+        state = dict(self._state)
+        for entry, reserved, _ in batch:
+            state[entry.name] = (reserved.last_run_at, reserved.total_run_count)
         with beat.leadership.acting() as ok:
             if not ok or not beat.record_firing(state):
-                # Nothing recorded: the run stays due - for the successor, or for us if
+                # Nothing recorded: the runs stay due - for the successor, or for us if
                 # the handover does not happen after all.
-                log.info("[cluster] beat: leadership ending; %s left due", entry.name)
-                self._withdraw(entry)
+                log.info("[cluster] beat: leadership ending; %d due run(s) left for the next leader", len(batch))
+                for entry, _, _ in reversed(batch):  # the earliest reservation of an entry wins
+                    self._withdraw(entry)
                 return
             self._state = state
-            # The run number is replicated with the firing: unique across failovers,
-            # so consumers can spot a duplicate (same number twice) or a gap.
-            run = reserved.total_run_count
-            if not beat.leadership.is_valid():  # the lease, re-checked right before publishing
-                log.warning("[cluster] beat: lease lost before sending %s; not sent", entry.name)
-                return
-            # The headers ride on the entry's options for this one publish. The entry is not
-            # copied: entry classes need not be copyable (django-celery-beat's ModelEntry
-            # takes (model, app)), and tick() is done with this instance once it returns.
-            options = entry.options
-            entry.options = {**options, "headers": {**options.get("headers", {}),
-                                                    "cluster_term": beat.leadership.term, "cluster_run": run}}
-            try:
-                super().apply_entry(entry, producer=producer)  # type: ignore[misc]
-            finally:
-                entry.options = options
+            for i, (entry, reserved, producer) in enumerate(batch):
+                if not beat.leadership.is_valid():  # the lease, re-checked right before each publish
+                    log.warning("[cluster] beat: lease lost before sending %d recorded run(s); not sent",
+                                len(batch) - i)
+                    return
+                # The run number is replicated with the firing: unique across failovers,
+                # so consumers can spot a duplicate (same number twice) or a gap.
+                self._publish(entry, reserved.total_run_count, producer)
+
+    def _publish(self, entry: Any, run: int, producer: Any) -> None:
+        # The headers ride on the entry's options for this one publish. The entry is not
+        # copied: entry classes need not be copyable (django-celery-beat's ModelEntry
+        # takes (model, app)), and nothing else uses this instance meanwhile.
+        beat = self.cluster_beat
+        options = entry.options
+        entry.options = {**options, "headers": {**options.get("headers", {}),
+                                                "cluster_term": beat.leadership.term, "cluster_run": run}}
+        try:
+            super().apply_entry(entry, producer=producer)  # type: ignore[misc]
+        finally:
+            entry.options = options
 
     def _withdraw(self, entry: Any) -> None:
         """Undo ``tick()``'s ``reserve()`` of ``entry``: it stays due. ``tick()`` has already

@@ -47,6 +47,7 @@ class Cluster:
     def __init__(
         self,
         nodes: Iterable[str] | str,
+        *,
         listen: str | None = None,
         advertise: str | None = None,
         on_leader: Callable[[int], Any] | None = None,
@@ -56,7 +57,6 @@ class Cluster:
         heartbeat_interval: float = 0.1,
         state_dir: str | os.PathLike[str] | None = None,
         secret: str | bytes | None = None,
-        *,
         secret_file: str | os.PathLike[str] | None = None,
         persist: bool = True,
         max_clock_drift: float = 0.05,

@@ -148,9 +148,6 @@ class Ready:
     messages: list[Envelope] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return self.hard_state is not None or bool(self.messages) or bool(self.events)
-
 
 NEVER = -math.inf
 

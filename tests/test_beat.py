@@ -233,3 +233,39 @@ def test_an_entry_class_with_its_own_constructor_is_fired_without_being_copied(a
     scheduler.tick()
     assert RecordingScheduler.sent == [("model", {"cluster_term": 7, "cluster_run": 1})]
     assert scheduler.schedule["model"].options.get("headers", {}).get("cluster_term") is None  # not left behind
+
+
+def test_everything_due_at_once_is_recorded_in_one_update_then_published(app: Celery) -> None:
+    """A thousand entries due together: one replicated update (not a thousand), then every
+    one published once with its own run number."""
+    long_ago = app.now() - datetime.timedelta(seconds=60)
+    app.conf.beat_schedule = {f"e{i}": {"task": "b.tick", "schedule": 5.0} for i in range(1000)}
+    cluster, lead = StubCluster(), StubLeadership()
+    _, scheduler = make(app, cluster, lead)
+    for entry in scheduler.schedule.values():
+        entry.last_run_at = long_ago
+    scheduler._heap = None
+    interval = scheduler.tick()
+    assert interval > 0 and len(cluster.proposals) == 1
+    state = decode_schedule(cluster.proposals[0])
+    assert len(state) == 1000 and {count for _, count in state.values()} == {1}
+    assert sorted(name for name, _ in RecordingScheduler.sent) == sorted(f"e{i}" for i in range(1000))
+    assert {headers["cluster_run"] for _, headers in RecordingScheduler.sent} == {1}
+    assert scheduler.tick() > 0 and len(cluster.proposals) == 1  # nothing due any more
+
+
+def test_a_round_that_cannot_be_recorded_leaves_every_entry_due(app: Celery) -> None:
+    long_ago = app.now() - datetime.timedelta(seconds=60)
+    app.conf.beat_schedule = {f"e{i}": {"task": "b.tick", "schedule": 5.0} for i in range(3)}
+    cluster, lead = StubCluster(), StubLeadership()
+    _, scheduler = make(app, cluster, lead)
+    for entry in scheduler.schedule.values():
+        entry.last_run_at = long_ago
+    scheduler._heap = None
+    lead.handing_over = True
+    scheduler.tick()
+    assert cluster.proposals == [] and RecordingScheduler.sent == []
+    assert all(e.last_run_at == long_ago and e.total_run_count == 0 for e in scheduler.schedule.values())
+    lead.handing_over = False
+    scheduler.tick()
+    assert len(cluster.proposals) == 1 and len(RecordingScheduler.sent) == 3
