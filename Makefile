@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test sim chaos fuzz bench-quick bench bench-dispatch demo clean
+.PHONY: test sim chaos fuzz bench-quick bench bench-dispatch bench-beat demo clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 ## @leader_only dispatch latency against a plain task, on the local Redis.
 bench-dispatch: $(STAMP)
 	$(PY) bench/dispatch.py
+
+## Many periodic tasks: the cluster's leader beat side by side with stock celery beat (Redis).
+bench-beat: $(STAMP)
+	$(PY) bench/beat_many.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

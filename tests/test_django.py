@@ -203,3 +203,65 @@ def test_database_scheduler_across_three_leader_kills_and_a_live_orm_change(proj
     assert first_added["t"] - added_at < 5 + 2, "an ORM change reaches the leader within the refresh interval"
     terms = {t["term"] for t in ticks if t["entry"] == "every-second"}
     assert len(terms) >= 4, f"three failovers, four leaders' terms: {terms}"
+
+
+def test_django_celery_beat_semantics_and_admin_changes_survive_a_failover(project: Project) -> None:
+    """one_off, expires, start_time, a clocked schedule, an interval edited and a task disabled
+    through the ORM while the cluster runs - and all of it still holds after the leader is
+    killed (django-celery-beat's own logic decides; the cluster only replicates what fired)."""
+    p = project
+    p.manage("shell", code="""
+        import datetime
+        from django.utils import timezone
+        from django_celery_beat.models import ClockedSchedule, IntervalSchedule, PeriodicTask
+        now = timezone.now()
+        one, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+        def add(name, **kw):
+            kw.setdefault("interval", one)
+            PeriodicTask.objects.create(name=name, task="demo.tick", args='["%s"]' % name, **kw)
+        add("steady")
+        add("one-off", one_off=True)
+        add("expires", expires=now + datetime.timedelta(seconds=8))
+        add("starts-later", start_time=now + datetime.timedelta(seconds=10))
+        add("to-edit")
+        add("to-disable")
+        clocked = ClockedSchedule.objects.create(clocked_time=now + datetime.timedelta(seconds=12))
+        add("clocked", interval=None, clocked=clocked, one_off=True)
+    """)
+    created = time.time()
+    for name in p.names:
+        p.start(name)
+    leader, term = poll(p.leader, 60, "one leader running the DatabaseScheduler", 0.05)
+
+    def fired(entry: str) -> list[dict[str, Any]]:
+        return [t for t in p.ticks() if t["entry"] == entry]
+
+    poll(lambda: len(fired("to-edit")) >= 2 and len(fired("to-disable")) >= 2, 30, "the editable entries firing")
+    p.manage("shell", code="""
+        from django_celery_beat.models import IntervalSchedule, PeriodicTask
+        three, _ = IntervalSchedule.objects.get_or_create(every=3, period=IntervalSchedule.SECONDS)
+        t = PeriodicTask.objects.get(name="to-edit"); t.interval = three; t.save()
+        t = PeriodicTask.objects.get(name="to-disable"); t.enabled = False; t.save()
+    """)
+    changed = time.time()
+    time.sleep(6)  # observe the changes on this leader
+    p.kill(leader)  # ...and on the next one
+    new_leader, _ = poll(lambda: p.leader(min_term=term + 1), 15, "a new leader", 0.05)
+    p.start(leader)
+    time.sleep(12)  # past every start_time, expiry and clocked time
+    ticks = p.ticks()
+    t_edit = [t["t"] for t in fired("to-edit") if t["t"] > changed + 6]  # after the change reached the leader
+    gaps = [b - a for a, b in zip(t_edit, t_edit[1:])]
+    measure("django_semantics", counts={e: len(fired(e)) for e in
+                                        ("steady", "one-off", "expires", "starts-later", "clocked", "to-edit",
+                                         "to-disable")}, edited_gaps=[round(g, 2) for g in gaps])
+    assert len(fired("one-off")) == 1
+    assert len(fired("clocked")) == 1 and fired("clocked")[0]["t"] >= created + 11.5
+    expires_last = max(t["t"] for t in fired("expires"))
+    assert created + 6 <= expires_last <= created + 9.5, expires_last - created
+    assert min(t["t"] for t in fired("starts-later")) >= created + 9.5
+    assert all(t["t"] <= changed + 5 + 1 for t in fired("to-disable")), "a disabled task kept firing"
+    assert gaps and all(2.5 <= g <= 3.6 for g in gaps), gaps  # the edited interval, on both leaders
+    for entry in ("steady", "one-off", "expires", "starts-later", "clocked", "to-edit", "to-disable"):
+        stats = check_runs(ticks, entry)
+        assert stats["duplicates"] == {}, (entry, stats)
