@@ -20,7 +20,7 @@ from typing import Sequence
 import click
 
 from .cluster import Cluster
-from .config import parse_timeout_range
+from .config import DEFAULT_ELECTION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, format_range, parse_timeout_range
 from .errors import ClusterError
 from .stepdown_command import stepdown_command
 
@@ -59,8 +59,10 @@ def cli() -> None:
 @click.option("--listen", required=True, help="HOST:PORT to serve the /cluster routes on.")
 @click.option("--nodes", required=True, help="Comma-separated HOST:PORT of every member, this one included.")
 @click.option("--advertise", default=None, help="HOST:PORT peers reach this node at (default: --listen).")
-@click.option("--election-timeout", default="1.0-2.0", show_default=True, help="MIN-MAX seconds.")
-@click.option("--heartbeat-interval", default=0.1, type=float, show_default=True, help="Seconds.")
+@click.option("--election-timeout", default=format_range(DEFAULT_ELECTION_TIMEOUT), show_default=True,
+              help="MIN-MAX seconds.")
+@click.option("--heartbeat-interval", default=DEFAULT_HEARTBEAT_INTERVAL, type=float, show_default=True,
+              help="Seconds.")
 @click.option("--state-dir", default=None, help="Directory for the term/vote file (default: per-node dir).")
 @click.option("--in-memory", is_flag=True, help="Keep no state on disk (gives up no-double-vote across restarts).")
 @click.option("--secret-file", default=None, help="File holding the shared HMAC secret.")

@@ -11,7 +11,17 @@ from typing import Any, Callable, Iterable
 from flask import Blueprint
 
 from .auth import Signer, load_secret
-from .config import Timing, check_membership, default_state_dir, parse_address, parse_nodes, split_host_port
+from .config import (
+    DEFAULT_ELECTION_TIMEOUT,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_CLOCK_DRIFT,
+    Timing,
+    check_membership,
+    default_state_dir,
+    parse_address,
+    parse_nodes,
+    split_host_port,
+)
 from .errors import ClusterError, ConfigurationError
 from .http_client import PeerClient
 from .http_server import EmbeddedServer, make_app, make_blueprint
@@ -53,13 +63,13 @@ class Cluster:
         on_leader: Callable[[int], Any] | None = None,
         on_follower: Callable[[int], Any] | None = None,
         logger: logging.Logger | None = None,
-        election_timeout: tuple[float, float] | str = (1.0, 2.0),
-        heartbeat_interval: float = 0.1,
+        election_timeout: tuple[float, float] | str = DEFAULT_ELECTION_TIMEOUT,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         state_dir: str | os.PathLike[str] | None = None,
         secret: str | bytes | None = None,
         secret_file: str | os.PathLike[str] | None = None,
         persist: bool = True,
-        max_clock_drift: float = 0.05,
+        max_clock_drift: float = DEFAULT_MAX_CLOCK_DRIFT,
         on_failure: Callable[[BaseException], Any] | None = None,
         lease_sink: LeaseSink | None = None,
         clock: Callable[[], float] = lease_clock,

@@ -212,6 +212,17 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+#: The one table of timing defaults (etcd's: a 100 ms heartbeat, a 1 s election timeout
+#: randomised up to 2 s); every module that needs a default takes it from here.
+DEFAULT_ELECTION_TIMEOUT: tuple[float, float] = (1.0, 2.0)
+DEFAULT_HEARTBEAT_INTERVAL = 0.1
+DEFAULT_MAX_CLOCK_DRIFT = 0.05
+
+
+def format_range(timeout: tuple[float, float]) -> str:
+    return f"{timeout[0]!r}-{timeout[1]!r}"
+
+
 @dataclass(frozen=True)
 class Timing:
     """Raft timing, in seconds.
@@ -221,9 +232,9 @@ class Timing:
     two nodes' clocks may run at different rates (0.05 = 5 %); leases shrink by it.
     """
 
-    election_timeout: tuple[float, float] = (1.0, 2.0)
-    heartbeat_interval: float = 0.1
-    max_clock_drift: float = 0.05
+    election_timeout: tuple[float, float] = DEFAULT_ELECTION_TIMEOUT
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    max_clock_drift: float = DEFAULT_MAX_CLOCK_DRIFT
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalising fields requires object.__setattr__.

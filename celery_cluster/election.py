@@ -55,6 +55,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterable, Union
 
+from .config import DEFAULT_ELECTION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_CLOCK_DRIFT
 from .errors import ClusterError, TransferError
 from .messages import (
     AppendEntries,
@@ -161,9 +162,9 @@ class Election:
         members: Iterable[str],
         *,
         now: float,
-        election_timeout: tuple[float, float] = (1.0, 2.0),
-        heartbeat_interval: float = 0.1,
-        max_clock_drift: float = 0.05,
+        election_timeout: tuple[float, float] = DEFAULT_ELECTION_TIMEOUT,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        max_clock_drift: float = DEFAULT_MAX_CLOCK_DRIFT,
         state: HardState | None = None,
         rng: random.Random | None = None,
     ) -> None:

@@ -14,7 +14,14 @@ from typing import Any, Mapping
 
 from click import Option
 
-from .config import parse_address, parse_nodes, parse_timeout_range
+from .config import (
+    DEFAULT_ELECTION_TIMEOUT,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    format_range,
+    parse_address,
+    parse_nodes,
+    parse_timeout_range,
+)
 from .errors import ConfigurationError
 
 DEFAULT_LEADER_QUEUE = "celery_cluster.leader"
@@ -26,8 +33,10 @@ OPTIONS: dict[str, tuple[str, Any]] = {
     "advertise": ("HOST:PORT peers reach this worker at (default: --cluster-listen).", None),
     "secret_file": ("File holding the shared HMAC secret for peer requests.", None),
     "state_dir": ("Directory for the term/vote/schedule state file.", None),
-    "election_timeout": ("Election timeout MIN-MAX seconds (default 1.0-2.0).", "1.0-2.0"),
-    "heartbeat_interval": ("Leader heartbeat interval in seconds (default 0.1).", "0.1"),
+    "election_timeout": (f"Election timeout MIN-MAX seconds (default {format_range(DEFAULT_ELECTION_TIMEOUT)}).",
+                         format_range(DEFAULT_ELECTION_TIMEOUT)),
+    "heartbeat_interval": (f"Leader heartbeat interval in seconds (default {DEFAULT_HEARTBEAT_INTERVAL:g}).",
+                           str(DEFAULT_HEARTBEAT_INTERVAL)),
     "leader_queue": (f"Queue only the leader consumes (default {DEFAULT_LEADER_QUEUE}).", DEFAULT_LEADER_QUEUE),
     "beat": ("Run the beat schedule on the leader: yes/no (default yes).", "yes"),
 }
@@ -96,7 +105,8 @@ def resolve(conf: Any, cli: Mapping[str, Any], env: Mapping[str, str] = os.envir
     if advertise is None:
         raise ConfigurationError("--cluster-nodes is set but neither --cluster-listen nor --cluster-advertise is")
     try:
-        heartbeat = float(raw["heartbeat_interval"] if raw["heartbeat_interval"] is not None else 0.1)
+        heartbeat = float(raw["heartbeat_interval"] if raw["heartbeat_interval"] is not None
+                          else DEFAULT_HEARTBEAT_INTERVAL)
     except (TypeError, ValueError):
         raise ConfigurationError(f"invalid --cluster-heartbeat-interval {raw['heartbeat_interval']!r}: "
                                  "expected seconds such as 0.1") from None
