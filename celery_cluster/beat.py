@@ -56,8 +56,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("celery_cluster.beat")
 
 PAYLOAD_FORMAT = 1
-#: The most firings one replicated update records (a round with more due takes several).
-MAX_BATCH = 10_000
+#: The most firings one replicated update records; a round with more due takes several. It
+#: bounds the documented window: a leader that crashes between an update's commit and its
+#: publishes loses the runs of that one update - at most this many.
+MAX_BATCH = 100
 
 
 #: name -> (last_run_at, total_run_count): what the cluster knows was fired, per entry.

@@ -254,3 +254,30 @@ def test_a_worker_with_a_full_disk_leaves_the_cluster_and_keeps_running_ordinary
             plain.delay(i)
         poll(lambda: any(r["node"] == "w1" for r in c.records("plain")), 30, "w1 to run an ordinary task")
         assert_beat_fenced(c)
+
+
+def test_many_entries_due_at_once_across_a_leader_kill(clusters: Any) -> None:
+    """300 entries falling due together (recorded MAX_BATCH at a time, then published): the
+    leader is killed between two rounds, and every entry's runs are each published once."""
+    c: Cluster = clusters("redis", env={"CC_TEST_BULK_ENTRIES": "300", "CC_TEST_BULK_PERIOD": "6"})
+    c.start()
+    leader, term = c.wait_leader()
+
+    def bulk() -> list[dict[str, Any]]:
+        return [r for r in c.records("beat_sent") if r["task"] == "tests.celery_app.plain"]
+
+    poll(lambda: len(bulk()) >= 300, 30, "the first round of 300")
+    leader.kill_group()
+    new, new_term = c.wait_leader(timeout=10, min_term=term + 1, exclude=[leader.name])
+    poll(lambda: len(bulk()) >= 600, 30, "the second round, from the new leader")
+    time.sleep(1.0)  # observation window: a duplicate would show up now
+    runs = Counter((tuple(r["args"]), r["cluster_run"]) for r in bulk())
+    per_entry: dict[tuple[Any, ...], list[int]] = {}
+    for (args, run), n in runs.items():
+        per_entry.setdefault(args, []).extend([run] * n)
+    measure("bulk_across_kill", entries=len(per_entry), publishes=len(bulk()),
+            terms=sorted({r["cluster_term"] for r in bulk()}))
+    assert len(per_entry) == 300
+    assert all(sorted(v)[:2] == [1, 2] and len(v) == len(set(v)) for v in per_entry.values()), \
+        {k: v for k, v in per_entry.items() if sorted(v)[:2] != [1, 2] or len(v) != len(set(v))}
+    assert {r["cluster_term"] for r in bulk() if r["cluster_run"] == 2} == {new_term}

@@ -15,6 +15,8 @@ import (the worker imports this module before it parses its options):
 ``CC_TEST_TRANSPORT_OPTIONS`` JSON object for ``broker_transport_options`` (optional)
 ``CC_TEST_SLOW_ELECTED``    seconds the ``leader_elected`` receiver takes (a slow user receiver)
 ``CC_TEST_BEAT_SCHEDULER``  ``beat_scheduler`` (optional)
+``CC_TEST_BULK_ENTRIES``    that many more beat entries, ``bulk-<i>`` every ``CC_TEST_BULK_PERIOD``
+                            seconds, all falling due together, sent to a queue nobody consumes
 
 Records (one JSON object per line, one ``os.write`` each), each stamped with ``t``
 (wall clock), ``mono`` (``time.monotonic()``), ``boot`` (the lease clock, CLOCK_BOOTTIME),
@@ -94,7 +96,11 @@ def create_app(
         task_ignore_result=True,
         result_backend=None,
         worker_hijack_root_logger=True,
-        beat_schedule={"tick": {"task": "tests.celery_app.tick", "schedule": float(period)}},
+        beat_schedule={"tick": {"task": "tests.celery_app.tick", "schedule": float(period)},
+                       **{f"bulk-{i}": {"task": "tests.celery_app.plain", "args": (i,),
+                                        "schedule": float(os.environ.get("CC_TEST_BULK_PERIOD", "10")),
+                                        "options": {"queue": f"{default_queue}.sink"}}
+                          for i in range(int(os.environ.get("CC_TEST_BULK_ENTRIES", "0")))}},
     )
     if leader_queue:
         app.conf.cluster_leader_queue = leader_queue
@@ -190,11 +196,12 @@ def create_app_from_env() -> Celery:
 # -- observation hooks (process-wide; they only write when CC_TEST_RECORD is set) --------
 
 @signals.after_task_publish.connect(weak=False)
-def _beat_sent(sender: Any = None, headers: dict | None = None, **kwargs: Any) -> None:
+def _beat_sent(sender: Any = None, headers: dict | None = None, body: Any = None, **kwargs: Any) -> None:
     if headers and "cluster_term" in headers and "cc_sent_at" in headers:
+        args = body[0] if isinstance(body, (list, tuple)) and body else None
         record("beat_sent", task=sender, id=headers.get("id"), cluster_term=headers["cluster_term"],
                cluster_run=headers.get("cluster_run"), sent_at=headers["cc_sent_at"],
-               sent_term=headers.get("cc_sent_term"))
+               sent_term=headers.get("cc_sent_term"), args=args)
 
 
 @signals.before_task_publish.connect(weak=False)
