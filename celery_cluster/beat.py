@@ -102,6 +102,7 @@ class ReplicatedSchedulerMixin:
 
     cluster_beat: LeaderBeat
     _seeded: Any = None  # the schedule mapping the replicated state was last applied to
+    _batch: list[tuple[Any, Any, Any]] | None = None  # (entry, reserved, producer) while tick() collects
 
     def setup_schedule(self) -> None:
         self._state: ScheduleState = decode_schedule(self.cluster_beat.cluster.payload[1])
@@ -147,10 +148,10 @@ class ReplicatedSchedulerMixin:
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         """Celery's ``tick()`` sends one due entry per call and answers 0 while more are due:
-        call it while it does, collecting what it fires, then record them all in one
-        replicated update and publish them - a round costs O(entries due), not one commit
-        (and one copy of the whole state on every node's disk) per entry."""
-        self._batch: list[tuple[Any, Any, Any]] | None = []
+        call it while it does, collecting what it fires (up to :data:`MAX_BATCH`), then
+        record them in one replicated update and publish them - not one commit (and one
+        copy of the whole state on every node's disk) per entry."""
+        self._batch = []
         try:
             interval = super().tick(*args, **kwargs)  # type: ignore[misc]
             while interval == 0 and self._batch and len(self._batch) < MAX_BATCH:
@@ -163,8 +164,8 @@ class ReplicatedSchedulerMixin:
 
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
         reserved = self._reserved.pop(entry.name, None) or self.schedule[entry.name]  # type: ignore[attr-defined]
-        if getattr(self, "_batch", None) is not None:
-            self._batch.append((entry, reserved, producer))  # type: ignore[union-attr]
+        if self._batch is not None:
+            self._batch.append((entry, reserved, producer))
         else:  # called outside tick(), by a driver of its own
             self._fire([(entry, reserved, producer)])
 
