@@ -49,6 +49,8 @@ from celery.beat import PersistentScheduler, Scheduler
 from celery.signals import beat_init
 from celery.utils.imports import symbol_by_name
 
+from .stats import Counters
+
 if TYPE_CHECKING:
     from .cluster import Cluster
     from .node import Leadership
@@ -181,6 +183,7 @@ class ReplicatedSchedulerMixin:
                 # Nothing recorded: the runs stay due - for the successor, or for us if
                 # the handover does not happen after all.
                 log.info("[cluster] beat: leadership ending; %d due run(s) left for the next leader", len(batch))
+                beat.counts.inc("left_for_successor", amount=len(batch))
                 for entry, _, _ in reversed(batch):  # the earliest reservation of an entry wins
                     self._withdraw(entry)
                 return
@@ -189,6 +192,7 @@ class ReplicatedSchedulerMixin:
                 if not beat.leadership.is_valid():  # the lease, re-checked right before each publish
                     log.warning("[cluster] beat: lease lost before sending %d recorded run(s); not sent",
                                 len(batch) - i)
+                    beat.counts.inc("lost_to_lease", amount=len(batch) - i)
                     return
                 # The run number is replicated with the firing: unique across failovers,
                 # so consumers can spot a duplicate (same number twice) or a gap.
@@ -206,6 +210,18 @@ class ReplicatedSchedulerMixin:
             super().apply_entry(entry, producer=producer)  # type: ignore[misc]
         finally:
             entry.options = options
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
+        # Counted here, not in apply_entry(): Celery's apply_entry logs and swallows a
+        # failed publish, and schedulers may override apply_entry.
+        counts = self.cluster_beat.counts
+        try:
+            result = super().apply_async(entry, producer, advance, **kwargs)  # type: ignore[misc]
+        except Exception:
+            counts.inc("publish_failed")
+            raise
+        counts.inc("published")
+        return result
 
     def _withdraw(self, entry: Any) -> None:
         """Undo ``tick()``'s ``reserve()`` of ``entry``: it stays due. ``tick()`` has already
@@ -239,8 +255,14 @@ class LeaderBeat:
     RESTART_BACKOFF = (1.0, 30.0)
 
     def __init__(self, app: Celery, cluster: Cluster, leadership: Leadership, *,
-                 scheduler: str | type | None = None, commit_timeout: float | None = None) -> None:
+                 scheduler: str | type | None = None, commit_timeout: float | None = None,
+                 counts: Counters | None = None) -> None:
         self.app = app
+        #: Outcomes for metrics, by event: ``published``, ``publish_failed``, ``restart``,
+        #: ``left_for_successor`` (due runs not recorded: the next leader sends them) and
+        #: ``lost_to_lease`` (recorded, then not sent: the lease ended in between). The
+        #: worker passes one Counters for all its terms, so they only grow.
+        self.counts = counts if counts is not None else Counters()
         self.cluster = cluster
         self.leadership = leadership
         self.scheduler_cls = replicated_scheduler(app, self, scheduler)
@@ -319,6 +341,7 @@ class LeaderBeat:
                     backoff = min(backoff * 2, self.RESTART_BACKOFF[1])
                     if self._leading():
                         self.restarts += 1
+                        self.counts.inc("restart")
         finally:
             self.state = "stopped"
             log.info("[cluster] beat stopped (term %s)", self.leadership.term)

@@ -20,7 +20,7 @@ from typing import Sequence
 import click
 
 from .cluster import Cluster
-from .config import DEFAULT_ELECTION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, format_range, parse_timeout_range
+from .config import DEFAULT_ELECTION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, format_range
 from .errors import ClusterError
 from .stepdown_command import stepdown_command
 
@@ -74,7 +74,7 @@ def node(listen: str, nodes: str, advertise: str | None, election_timeout: str, 
     stop = threading.Event()
     try:
         cluster = Cluster(nodes, listen=listen, advertise=advertise,
-                          election_timeout=parse_timeout_range(election_timeout),
+                          election_timeout=election_timeout,
                           heartbeat_interval=heartbeat_interval, state_dir=state_dir,
                           secret_file=secret_file, persist=not in_memory,
                           on_failure=lambda exc: stop.set())

@@ -15,16 +15,16 @@ from .config import (
     DEFAULT_ELECTION_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_CLOCK_DRIFT,
+    Membership,
     Timing,
-    check_membership,
     default_state_dir,
     parse_address,
-    parse_nodes,
     split_host_port,
 )
 from .errors import ClusterError, ConfigurationError
 from .http_client import PeerClient
 from .http_server import EmbeddedServer, make_app, make_blueprint
+from .metrics import Extras, make_registry, render
 from .clock import lease_clock
 from .messages import Version
 from .node import Leadership, LeaseSink, Node
@@ -37,7 +37,9 @@ class Cluster:
     """One member of a leader-election cluster.
 
     ``nodes`` lists every member's advertise address (``HOST:PORT``), this one
-    included. With ``listen`` set, :meth:`start` runs an embedded HTTP server
+    included, or is a :class:`~celery_cluster.config.Membership` parsed already.
+    Timing is ``election_timeout``/``heartbeat_interval``/``max_clock_drift``, or one
+    :class:`~celery_cluster.config.Timing` as ``timing``. With ``listen`` set, :meth:`start` runs an embedded HTTP server
     there; otherwise mount :meth:`blueprint` in your own Flask app and pass
     ``advertise``. ``on_leader(term)`` runs when this node's lease starts,
     ``on_follower(term)`` at start and when leadership is lost; both run on a
@@ -56,34 +58,48 @@ class Cluster:
 
     def __init__(
         self,
-        nodes: Iterable[str] | str,
+        nodes: Iterable[str] | str | Membership,
         *,
         listen: str | None = None,
         advertise: str | None = None,
         on_leader: Callable[[int], Any] | None = None,
         on_follower: Callable[[int], Any] | None = None,
         logger: logging.Logger | None = None,
-        election_timeout: tuple[float, float] | str = DEFAULT_ELECTION_TIMEOUT,
-        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        election_timeout: tuple[float, float] | str | None = None,
+        heartbeat_interval: float | None = None,
         state_dir: str | os.PathLike[str] | None = None,
         secret: str | bytes | None = None,
         secret_file: str | os.PathLike[str] | None = None,
         persist: bool = True,
-        max_clock_drift: float = DEFAULT_MAX_CLOCK_DRIFT,
+        max_clock_drift: float | None = None,
+        timing: Timing | None = None,
         on_failure: Callable[[BaseException], Any] | None = None,
         lease_sink: LeaseSink | None = None,
         clock: Callable[[], float] = lease_clock,
         role: str = "node",
     ) -> None:
         self.log = logger or log
-        self.members = parse_nodes(nodes)
         self.listen = parse_address(listen) if listen else None
-        if advertise is None and self.listen is None:
-            raise ConfigurationError("give listen= (embedded server) or advertise= (your own server)")
-        self.advertise = parse_address(advertise) if advertise else self.listen
-        assert self.advertise is not None
-        check_membership(self.members, self.advertise)
-        self.timing = Timing(election_timeout, heartbeat_interval, max_clock_drift)
+        if isinstance(nodes, Membership):
+            membership = nodes  # parsed and checked by the caller (the worker's settings, the CLI)
+            if advertise is not None and parse_address(advertise) != membership.advertise:
+                raise ConfigurationError(f"advertise={advertise!r} disagrees with the membership's "
+                                         f"{membership.advertise}")
+        else:
+            if advertise is None and self.listen is None:
+                raise ConfigurationError("give listen= (embedded server) or advertise= (your own server)")
+            membership = Membership.parse(nodes, advertise or self.listen or "")
+        self.membership = membership
+        self.members = membership.members
+        self.advertise = membership.advertise
+        if timing is None:
+            timing = Timing(DEFAULT_ELECTION_TIMEOUT if election_timeout is None else election_timeout,
+                            DEFAULT_HEARTBEAT_INTERVAL if heartbeat_interval is None else heartbeat_interval,
+                            DEFAULT_MAX_CLOCK_DRIFT if max_clock_drift is None else max_clock_drift)
+        elif (election_timeout, heartbeat_interval, max_clock_drift) != (None, None, None):
+            raise ConfigurationError("give timing= or election_timeout=/heartbeat_interval=/max_clock_drift=, "
+                                     "not both")
+        self.timing = timing
         secret_bytes = load_secret(secret=secret, secret_file=secret_file)
         self.signer = Signer(secret_bytes) if secret_bytes else None
         if persist:
@@ -98,7 +114,7 @@ class Cluster:
             state_file = None
         self.client = PeerClient(
             self.advertise,
-            tuple(m for m in self.members if m != self.advertise),
+            membership.peers,
             timeout=self.timing.rpc_timeout,
             on_response=lambda msg: self.node.receive(msg),
             signer=self.signer,
@@ -116,6 +132,9 @@ class Cluster:
         self.status_extras: Callable[[], dict[str, Any]] | None = None
         #: Extra problems for health() and GET /cluster/health (the Celery step adds a failing beat).
         self.health_extras: Callable[[], list[str]] | None = None
+        #: Extra metric families for GET /cluster/metrics (the Celery step adds beat and task metrics).
+        self.metrics_extras: Extras | None = None
+        self._registry = make_registry(self.node, self.client, lambda: self.metrics_extras)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -170,7 +189,8 @@ class Cluster:
     def blueprint(self) -> Blueprint:
         """The ``/cluster`` routes, to mount in your own Flask app."""
         if self._bp is None:
-            self._bp = make_blueprint(self.node, self.signer, status=self.status, health=self.health)
+            self._bp = make_blueprint(self.node, self.signer, status=self.status, health=self.health,
+                                      metrics=self.metrics)
         return self._bp
 
     def is_leader(self) -> bool:
@@ -200,6 +220,11 @@ class Cluster:
         if self.health_extras is not None:
             problems += self.health_extras()
         return problems
+
+    def metrics(self, accept: str | None = None) -> tuple[bytes, str]:
+        """``GET /cluster/metrics``: the exposition (Prometheus text, or OpenMetrics if
+        ``accept`` asks for it) and its content type."""
+        return render(self._registry, accept)
 
     @property
     def failure(self) -> BaseException | None:

@@ -122,18 +122,45 @@ def parse_nodes(nodes: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(parsed)
 
 
-def check_membership(nodes: str | Iterable[str], advertise: str) -> None:
-    """Refuse a node list without this node; warn about an even-sized cluster.
+@dataclass(frozen=True)
+class Membership:
+    """The cluster's node list and this node's place in it, parsed and checked once.
 
-    A node outside the list would count votes against the wrong majority.
+    Build it with :meth:`parse`; the worker's settings, the standalone CLI and
+    :class:`~celery_cluster.Cluster` all take the same object, so the list is parsed,
+    normalised and checked (this node included, no duplicates, even sizes warned about)
+    in exactly one place.
     """
-    members = parse_nodes(nodes)
-    me = parse_address(advertise)
-    if me not in members:
-        raise ConfigurationError(
-            f"the node list must include this node's advertise address {me} (got: {', '.join(members)})"
-        )
-    count = len(members)
+
+    members: tuple[str, ...]
+    advertise: str
+
+    @classmethod
+    def parse(cls, nodes: str | Iterable[str], advertise: str) -> Membership:
+        """Refuse a node list without this node; warn (once) about an even-sized cluster.
+
+        A node outside the list would count votes against the wrong majority.
+        """
+        members = parse_nodes(nodes)
+        me = parse_address(advertise)
+        if me not in members:
+            raise ConfigurationError(
+                f"the node list must include this node's advertise address {me} (got: {', '.join(members)})"
+            )
+        _warn_even(len(members))
+        return cls(members, me)
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        return tuple(m for m in self.members if m != self.advertise)
+
+
+def check_membership(nodes: str | Iterable[str], advertise: str) -> None:
+    """:meth:`Membership.parse` for its checks alone."""
+    Membership.parse(nodes, advertise)
+
+
+def _warn_even(count: int) -> None:
     if count % 2 == 0:
         # A majority of n is n // 2 + 1, so adding a node to an odd cluster raises the
         # majority without raising the number of failures it survives.

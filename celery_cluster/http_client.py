@@ -32,6 +32,7 @@ from .auth import Signer
 from .log_limit import LogLimiter
 from .election import Envelope
 from .messages import AppendEntries, Message, TimeoutNow, VoteRequest, decode, encode
+from .stats import PeerStats
 
 log = logging.getLogger("celery_cluster.http")
 _refusals = LogLimiter(log)
@@ -87,6 +88,16 @@ def parse_response(buf: bytes) -> tuple[int, bytes, bool, int] | None:
     return int(parts[1]), bytes(buf[end + 4:total]), close, total
 
 
+def error_kind(exc: BaseException) -> str:
+    """How a request failed, for metrics: ``timeout``, ``refused`` (nothing listens there)
+    or ``connection`` (reset, closed, unreachable, a garbled response...)."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
+        return "refused"
+    return "connection"
+
+
 class _Peer:
     """One peer's queue and connection state (touched only by the I/O thread, or under the lock)."""
 
@@ -104,6 +115,7 @@ class _Peer:
         self.deadline = 0.0
         self.rtts: collections.deque[float] = collections.deque(maxlen=512)  # heartbeat round trips, s
         self.refused: tuple[int, str, float] | None = None  # the peer's last refusal: status, error, when
+        self.stats = PeerStats()
 
     def enqueue(self, msg: Message) -> None:
         if isinstance(msg, AppendEntries):
@@ -197,6 +209,10 @@ class PeerClient:
                 "p99_ms": round(samples[min(n - 1, (n * 99) // 100)] * 1000, 3) if n else None,
             }
         return out
+
+    def peer_stats(self) -> dict[str, PeerStats]:
+        """Per peer: heartbeat round-trip histogram and failed requests by kind (for metrics)."""
+        return {address: peer.stats for address, peer in self._peers.items()}
 
     # -- the I/O thread ---------------------------------------------------------------
 
@@ -324,7 +340,9 @@ class PeerClient:
         del peer.inbuf[:used]
         msg = peer.in_flight
         if isinstance(msg, AppendEntries) and msg.payload is None:
-            peer.rtts.append(time.perf_counter() - peer.sent_at)
+            rtt = time.perf_counter() - peer.sent_at
+            peer.rtts.append(rtt)
+            peer.stats.rtt.observe(rtt)
         if status in (200, 204):
             peer.refused = None
         self._finish(peer)
@@ -336,6 +354,7 @@ class PeerClient:
         if status == 204:
             return
         if status != 200:
+            peer.stats.errors.inc("auth" if status in (401, 403) else "http")
             error = _error_text(body)
             peer.refused = (status, error, time.monotonic())
             _refusals.warning((peer.address, status), "[cluster] %s refuses our requests: HTTP %s %s%s",
@@ -345,9 +364,11 @@ class PeerClient:
         try:
             reply = decode(json.loads(body))
         except ValueError as exc:
+            peer.stats.errors.inc("malformed")
             log.warning("[cluster] %s sent a malformed reply: %s", peer.address, exc)
             return
         if reply.sender != peer.address:
+            peer.stats.errors.inc("malformed")
             log.warning("[cluster] %s answered as %s; ignoring", peer.address, reply.sender)
             return
         try:
@@ -363,6 +384,7 @@ class PeerClient:
     def _fail(self, peer: _Peer, exc: BaseException) -> None:
         # Peers come and go; Raft retries by design. Drop the request and the connection.
         if peer.in_flight is not None:
+            peer.stats.errors.inc(error_kind(exc))
             log.debug("[cluster] %s to %s failed: %s", type(peer.in_flight).__name__, peer.address, exc)
         self._disconnect(peer)
         self._finish(peer)

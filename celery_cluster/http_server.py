@@ -154,7 +154,8 @@ class RpcEndpoint:
 
 def make_blueprint(node: Node, signer: Signer | None = None,
                    status: Callable[[], dict[str, Any]] | None = None,
-                   health: Callable[[], list[str]] | None = None) -> Blueprint:
+                   health: Callable[[], list[str]] | None = None,
+                   metrics: Callable[[str | None], tuple[bytes, str]] | None = None) -> Blueprint:
     bp = Blueprint("celery_cluster", __name__, url_prefix="/cluster")
     endpoint = RpcEndpoint(node, signer)
     bp.rpc_endpoint = endpoint  # type: ignore[attr-defined] - the embedded server's fast path uses it
@@ -188,6 +189,13 @@ def make_blueprint(node: Node, signer: Signer | None = None,
         body = {"healthy": not problems, "reasons": problems, "id": node.id}
         return Response(json.dumps(body, separators=(",", ":")), status=503 if problems else 200,
                         mimetype="application/json")
+
+    @bp.get("/metrics")
+    def metrics_route() -> Response:
+        if metrics is None:
+            return _error(404, "metrics are not served here")
+        data, content_type = metrics(request.headers.get("Accept"))
+        return Response(data, status=200, content_type=content_type)
 
     @bp.get("/id")
     def node_id() -> Response:
@@ -250,6 +258,14 @@ class _KeepAliveHandler(WSGIRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     timeout = 60  # idle keep-alive connections close eventually
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection, True)  # type: ignore[attr-defined]
+
+    def finish(self) -> None:
+        self.server.track(self.connection, False)  # type: ignore[attr-defined]
+        super().finish()
 
     def parse_request(self) -> bool:
         """Request line and headers without http.client's email parser (~4x faster)."""
@@ -412,6 +428,9 @@ class EmbeddedServer:
             sock.close()  # the server holds a duplicate of it
         self._server.daemon_threads = True
         self._server.rpc_endpoint = rpc_endpoint  # type: ignore[attr-defined]
+        self._server.track = self._track  # type: ignore[attr-defined]
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="celery-cluster-http", daemon=True)
@@ -419,7 +438,23 @@ class EmbeddedServer:
     def start(self) -> None:
         self._thread.start()
 
+    def _track(self, conn: socket.socket, open_: bool) -> None:
+        with self._connections_lock:
+            if open_:
+                self._connections.add(conn)
+            else:
+                self._connections.discard(conn)
+
     def stop(self) -> None:
+        """Stop accepting, then end every kept-alive connection: a stopped node answers
+        nothing more, rather than whatever its handler threads would still say."""
         if self._thread.is_alive():
             self._server.shutdown()
         self._server.server_close()
+        with self._connections_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # the handler's next read sees EOF and it exits
+            except OSError:
+                pass  # already closed

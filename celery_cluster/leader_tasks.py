@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import os
 from typing import Any, Callable, NoReturn, TypeVar
 
 from celery import Task, current_app, current_task
 from celery.exceptions import Ignore, Reject
 
-from . import leader_state
-from .settings import DEFAULT_LEADER_QUEUE
+from . import leader_state, task_counts
+from .settings import leader_queue
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,8 +48,7 @@ class NotLeaderReject(Reject):
 def leader_queue_name(app: Any = None) -> str:
     """The leader queue: ``CELERY_CLUSTER_LEADER_QUEUE`` (the worker step exports what it
     resolved there), else the ``cluster_leader_queue`` setting, else the default."""
-    conf = (app or current_app).conf
-    return os.environ.get("CELERY_CLUSTER_LEADER_QUEUE") or conf.get("cluster_leader_queue") or DEFAULT_LEADER_QUEUE
+    return leader_queue((app or current_app).conf)
 
 
 def _not_leader() -> NoReturn:
@@ -61,10 +59,12 @@ def _not_leader() -> NoReturn:
     came_from = ((request.delivery_info or {}).get("routing_key") if request is not None else None)
     if request is None or request.id is None or came_from == queue:
         # Prefetched from the leader queue before a step-down: requeue it there.
+        task_counts.count("requeued")
         raise NotLeaderReject("this worker is not the cluster leader; requeued for the leader", requeue=True)
     # Routed elsewhere by hand: re-publish it to the leader queue, then ack this copy.
     task.apply_async(args=request.args, kwargs=request.kwargs, task_id=request.id, queue=queue,
                      headers={k: v for k, v in (request.headers or {}).items() if k.startswith("cluster_")})
+    task_counts.count("republished")
     raise Ignore()
 
 
@@ -73,6 +73,7 @@ def _run_as_leader(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     term = state.current_term() if state is not None else None
     if term is None:
         _not_leader()
+    task_counts.count("run")
     reset = _token.set(term)
     try:
         return fn(*args, **kwargs)

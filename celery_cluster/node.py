@@ -35,6 +35,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterator, Protocol
 
 from .clock import NAME as CLOCK_NAME
@@ -54,6 +55,7 @@ from .election import (
 from .errors import ClusterError, TransferError
 from .messages import AppendResponse, HardState, Message, Version, VoteResponse
 from .state_file import StateFile
+from .stats import NodeStats
 
 Callback = Callable[[int], Any]
 
@@ -165,6 +167,9 @@ class Node:
         self._stopped = False
         self._timer_deadline = -math.inf  # what the timer thread sleeps towards
         self._threads: list[threading.Thread] = []
+        #: Counters and histograms for metrics (``celery_cluster.metrics`` reads them).
+        self.stats = NodeStats()
+        self._last_leader: str | None = None
         state = state_file.load() if state_file is not None else None
         self.core = Election(
             node_id,
@@ -175,6 +180,7 @@ class Node:
             max_clock_drift=timing.max_clock_drift,
             state=state or HardState(),
         )
+        self._campaign_term = self.core.term  # a campaign before a restart is not counted again
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -413,15 +419,26 @@ class Node:
             if isinstance(ev, SteppedDown):
                 self._revoke(ev.term)  # before anything leaves: see the module docstring
         if ready.hard_state is not None and self.state_file is not None:
+            started = time.perf_counter()
             try:
                 self.state_file.save(ready.hard_state)
             except Exception as exc:  # noqa: BLE001 - StateFileError (ENOSPC, EIO, EROFS...) or worse
+                self.stats.state_write_failures.inc()
                 self._fail_stop(exc, ready)
                 return
+            self.stats.state_writes.observe(time.perf_counter() - started)
         for env in ready.messages:
             self.transport.send(env)
         for ev in ready.events:
             self._on_event(ev)
+        if self.core.voted_for == self.id and self.core.term > self._campaign_term:
+            # We vote for ourselves only when campaigning, once per term.
+            self._campaign_term = self.core.term
+            self.stats.elections_started.inc()
+        leader = self.core.leader_id
+        if leader is not None and leader != self._last_leader:
+            self._last_leader = leader
+            self.stats.leader_changes.inc()
         self._publish_lease()
         if self.core.next_deadline() < self._timer_deadline:
             self._wake.notify_all()  # only when the timer must fire earlier than it planned
@@ -475,6 +492,8 @@ class Node:
 
     def _on_event(self, ev: object) -> None:
         if isinstance(ev, RoleChanged):
+            if ev.role is Role.LEADER:
+                self.stats.elections_won.inc()
             if ev.role is not Role.LEADER:  # "leader" is logged when the lease starts
                 self._log_transition(ev.role.value, ev.term, ev.leader_id)
         elif isinstance(ev, LeaseAcquired):
@@ -485,6 +504,7 @@ class Node:
             lead = self._leadership
             if lead is not None and lead.term == ev.term:
                 lead.lost.set()  # a handle created in this same step is lost too
+            self.stats.stepdowns.inc(ev.reason)
             self._log_transition("stepped_down", ev.term, self.core.leader_id,
                                  reason=ev.reason, lease_until=ev.lease_until)
             if ev.had_lease:

@@ -17,10 +17,10 @@ from click import Option
 from .config import (
     DEFAULT_ELECTION_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
+    Membership,
+    Timing,
     format_range,
     parse_address,
-    parse_nodes,
-    parse_timeout_range,
 )
 from .errors import ConfigurationError
 
@@ -49,15 +49,32 @@ def worker_options() -> list[Option]:
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    nodes: tuple[str, ...]
+    """Everything a clustered worker was told, parsed and checked once (at the step's
+    construction, so a mistake refuses the worker before anything is built)."""
+
+    membership: Membership
     listen: str | None
-    advertise: str
     secret_file: str | None
     state_dir: str | None
-    election_timeout: tuple[float, float]
-    heartbeat_interval: float
+    timing: Timing
     leader_queue: str
     beat: bool
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return self.membership.members
+
+    @property
+    def advertise(self) -> str:
+        return self.membership.advertise
+
+    @property
+    def election_timeout(self) -> tuple[float, float]:
+        return self.timing.election_timeout
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.timing.heartbeat_interval
 
 
 def _raw(name: str, cli: Mapping[str, Any], conf: Any, env: Mapping[str, str]) -> Any:
@@ -94,31 +111,42 @@ def app_flag(conf: Any, name: str, default: bool, env: Mapping[str, str] = os.en
     return parse_bool(f"cluster_{name}", value, default)
 
 
+def leader_queue(conf: Any, cli: Mapping[str, Any] | None = None, env: Mapping[str, str] = os.environ) -> str:
+    """The leader queue's name - the one resolver, for the worker (which may also have
+    ``--cluster-leader-queue``) and for producers and pool children (which have only the
+    environment and the app's config; the worker exports what it resolved)."""
+    for value in ((cli or {}).get("cluster_leader_queue"), env.get("CELERY_CLUSTER_LEADER_QUEUE"),
+                  conf.get("cluster_leader_queue")):
+        if value:  # an empty value (a template that expanded to nothing) counts as unset
+            return str(value)
+    return DEFAULT_LEADER_QUEUE
+
+
 def resolve(conf: Any, cli: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> ClusterSettings | None:
     """The effective settings, or None when no nodes are configured (the step stays off)."""
     raw = {name: _raw(name, cli, conf, env) for name in OPTIONS}
     if not raw["nodes"]:
         return None
-    nodes = parse_nodes(raw["nodes"])
     listen = parse_address(raw["listen"]) if raw["listen"] else None
-    advertise = parse_address(raw["advertise"]) if raw["advertise"] else listen
-    if advertise is None:
+    advertise = raw["advertise"] or listen
+    if not advertise:
         raise ConfigurationError("--cluster-nodes is set but neither --cluster-listen nor --cluster-advertise is")
-    try:
-        heartbeat = float(raw["heartbeat_interval"] if raw["heartbeat_interval"] is not None
-                          else DEFAULT_HEARTBEAT_INTERVAL)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"invalid --cluster-heartbeat-interval {raw['heartbeat_interval']!r}: "
-                                 "expected seconds such as 0.1") from None
-    beat = parse_bool("--cluster-beat", raw["beat"], True)
+    membership = Membership.parse(raw["nodes"], advertise)
+    heartbeat = raw["heartbeat_interval"]
+    if isinstance(heartbeat, str):
+        try:
+            heartbeat = float(heartbeat)
+        except ValueError:
+            raise ConfigurationError(f"invalid --cluster-heartbeat-interval {heartbeat!r}: "
+                                     "expected seconds such as 0.1") from None
+    timing = Timing(DEFAULT_ELECTION_TIMEOUT if not raw["election_timeout"] else raw["election_timeout"],
+                    DEFAULT_HEARTBEAT_INTERVAL if heartbeat is None else heartbeat)
     return ClusterSettings(
-        nodes=nodes,
+        membership=membership,
         listen=listen,
-        advertise=advertise,
         secret_file=raw["secret_file"] or None,
         state_dir=raw["state_dir"] or None,
-        election_timeout=parse_timeout_range(raw["election_timeout"] or OPTIONS["election_timeout"][1]),
-        heartbeat_interval=heartbeat,
-        leader_queue=str(raw["leader_queue"] or DEFAULT_LEADER_QUEUE),
-        beat=beat,
+        timing=timing,
+        leader_queue=leader_queue(conf, cli, env),
+        beat=parse_bool("--cluster-beat", raw["beat"], True),
     )

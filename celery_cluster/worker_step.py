@@ -43,13 +43,15 @@ from celery import Celery, bootsteps
 from celery import signals as celery_signals
 from celery.exceptions import ImproperlyConfigured
 
-from . import leader_state, signals
+from . import leader_state, signals, task_counts
 from .beat import LeaderBeat
 from .clock import lease_clock
 from .cluster import Cluster
 from .config import default_state_dir
 from .errors import ClusterError
 from .state_file import StateFile
+from .metrics import counter, gauge
+from .stats import Counters
 from .leader_tasks import LeaderQueueRouter, is_leader_only, leader_queue_name, mark_task
 from .settings import ClusterSettings, app_flag, resolve, worker_options
 
@@ -162,6 +164,7 @@ class ClusterStep(bootsteps.StartStopStep):
         self.beat: LeaderBeat | None = None
         self.leading_term: int | None = None
         self.consuming_leader_queue = False
+        self.beat_counts = Counters()  # across every term this worker leads (metrics)
         self._lock = threading.Lock()
         self._signals: queue.Queue[tuple[Any, int] | None] = queue.Queue()
         self._signal_thread: threading.Thread | None = None
@@ -206,6 +209,8 @@ class ClusterStep(bootsteps.StartStopStep):
         os.environ["CELERY_CLUSTER_LEADER_QUEUE"] = self.settings.leader_queue
         os.environ[leader_state.ENV_VAR] = str(self.leader_state.path)
         leader_state._shared = self.leader_state
+        os.environ[task_counts.ENV_VAR] = str(self.task_counts.path)
+        task_counts._shared, task_counts._shared_pid = self.task_counts, os.getpid()
         _mark_leader_only_tasks(self.app)
         return self
 
@@ -221,26 +226,26 @@ class ClusterStep(bootsteps.StartStopStep):
         mmap_path = os.path.join(state_dir, "leader.mmap")
         try:
             self.leader_state = leader_state.LeaderState(mmap_path, create=True)
+            self.task_counts = task_counts.TaskCounts(os.path.join(state_dir, "task_counts.mmap"), create=True)
         except OSError as exc:
-            raise ClusterError(f"cannot create {mmap_path}: {exc.strerror or exc}: set --cluster-state-dir "
-                               "to a directory this worker can write") from None
+            raise ClusterError(f"cannot create {exc.filename or mmap_path}: {exc.strerror or exc}: set "
+                               "--cluster-state-dir to a directory this worker can write") from None
         cluster = Cluster(
-            self.settings.nodes,
+            self.settings.membership,
             role=self.role,
             listen=self.settings.listen,
-            advertise=self.settings.advertise,
             on_leader=self._on_leader,
             on_follower=self._on_follower,
             on_failure=self._on_failure,
             lease_sink=self.leader_state,
-            election_timeout=self.settings.election_timeout,
-            heartbeat_interval=self.settings.heartbeat_interval,
+            timing=self.settings.timing,
             state_dir=state_dir,
             secret_file=self.settings.secret_file,
             clock=self.clock,
         )
         cluster.status_extras = self._status_extras
         cluster.health_extras = self._health_extras
+        cluster.metrics_extras = self._metrics_extras
         try:
             cluster.bind()
         except ClusterError:
@@ -280,7 +285,7 @@ class ClusterStep(bootsteps.StartStopStep):
             self.leading_term = term
             self._call_soon(self._consume_leader_queue, True)
             if self.settings.beat:
-                self.beat = LeaderBeat(self.app, self.cluster, lead)
+                self.beat = LeaderBeat(self.app, self.cluster, lead, counts=self.beat_counts)
                 self.beat.start()
         log.info("[cluster] %s leads in term %s", self.settings.advertise, term)
         self._signals.put((signals.leader_elected, term))
@@ -374,6 +379,32 @@ class ClusterStep(bootsteps.StartStopStep):
         if beat.state.startswith("failing"):
             return [f"this leader's beat is {beat.state}"]
         return []
+
+    def _metrics_extras(self) -> list[Any]:
+        """Beat and leader-only task metrics for GET /cluster/metrics."""
+        beat = self.beat
+        counts = self.beat_counts.snapshot()
+        return [
+            gauge("beat_enabled", "1 if this worker runs the beat schedule when it leads.",
+                  1 if self.settings and self.settings.beat else 0),
+            gauge("beat_running", "1 while this worker's beat runs (it leads and its scheduler ticks).",
+                  1 if beat is not None and beat.running else 0),
+            counter("beat_restarts", "Times this worker's beat was rebuilt after an error.",
+                    {(): counts.get(("restart",), 0)}),
+            counter("beat_entries_published", "Due runs this worker's beat published.",
+                    {(): counts.get(("published",), 0)}),
+            counter("beat_publish_failures", "Due runs whose publish to the broker failed.",
+                    {(): counts.get(("publish_failed",), 0)}),
+            counter("beat_runs_not_sent", "Due runs not sent by this worker: left for the next leader "
+                    "(not recorded) or lost to the lease (recorded, then the lease ended).",
+                    {(reason,): counts.get((reason,), 0) for reason in ("left_for_successor", "lost_to_lease")},
+                    ("reason",)),
+            gauge("leader_queue_consumed", "1 while this worker consumes the leader queue.",
+                  1 if self.consuming_leader_queue else 0),
+            counter("leader_only_tasks", "Leader-only task messages this worker's pool handled, by outcome: "
+                    "run (under a valid lease), requeued, republished (to the leader queue).",
+                    {(k,): v for k, v in self.task_counts.snapshot().items()}, ("outcome",)),
+        ]
 
     def status(self) -> dict[str, Any]:
         """The cluster status plus beat and leader-queue state (also on GET /cluster/status)."""

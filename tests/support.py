@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ctypes
+import http.client
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from celery_cluster import TransferError
 
@@ -197,3 +199,42 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child before ex
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+# -- /cluster/metrics -------------------------------------------------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(address: str, accept: str | None = None) -> tuple[str, Samples]:
+    """(content type, {(sample name, labels): value}) of a node's /cluster/metrics."""
+    host, _, port = address.rpartition(":")
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=2)
+    try:
+        conn.request("GET", "/cluster/metrics", headers={"Accept": accept} if accept else {})
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        assert resp.status == 200, body
+        content_type = resp.getheader("Content-Type") or ""
+    finally:
+        conn.close()
+    samples: Samples = {}
+    if "openmetrics" in content_type:
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
+        families = list(om_families(body))
+    else:
+        families = list(text_string_to_metric_families(body))
+    for family in families:
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return content_type, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of ``name`` over every series whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)

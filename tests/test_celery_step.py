@@ -34,7 +34,7 @@ from celery.exceptions import ImproperlyConfigured
 from celery_cluster import LeaderOnlyTask, fencing_token, install, leader_only
 from celery_cluster import leader_state, signals
 from celery_cluster.errors import ConfigurationError
-from celery_cluster.settings import DEFAULT_LEADER_QUEUE, resolve
+from celery_cluster.settings import DEFAULT_LEADER_QUEUE, leader_queue, resolve
 from tests import support
 from tests.support import HOST, RedisDB, claim_redis_db, free_port, isolated_celery_state
 
@@ -390,6 +390,16 @@ def test_resolve_precedence_unit() -> None:
     assert e is not None and e.nodes == ("h:1",) and e.beat is False
 
 
+def test_one_leader_queue_resolver() -> None:
+    """Worker (cli > env > conf) and producers (env > conf) resolve the queue the same way;
+    an empty value counts as unset."""
+    conf = _Conf(cluster_leader_queue="conf-q")
+    assert leader_queue(conf, {"cluster_leader_queue": "cli-q"}, {"CELERY_CLUSTER_LEADER_QUEUE": "env-q"}) == "cli-q"
+    assert leader_queue(conf, None, {"CELERY_CLUSTER_LEADER_QUEUE": "env-q"}) == "env-q"
+    assert leader_queue(conf, {"cluster_leader_queue": ""}, {"CELERY_CLUSTER_LEADER_QUEUE": ""}) == "conf-q"
+    assert leader_queue(_Conf(), None, {}) == DEFAULT_LEADER_QUEUE
+
+
 @pytest.mark.parametrize("conf, cli, env", [
     ({}, {}, {}),
     ({"cluster_nodes": ""}, {}, {}),
@@ -406,6 +416,8 @@ def test_resolve_without_nodes_is_off(conf: dict, cli: dict, env: dict) -> None:
     ({"cluster_nodes": "h:1", "cluster_listen": "h:1", "cluster_beat": "maybe"}, "invalid --cluster-beat"),
     ({"cluster_nodes": "h:1", "cluster_listen": "h:1", "cluster_election_timeout": "2-1"}, "must be greater"),
     ({"cluster_nodes": "h:1,,h:2", "cluster_listen": "h:1"}, "empty entry"),
+    ({"cluster_nodes": "h:1,h:2,h:4", "cluster_listen": "h:3"}, "must include this node's advertise address h:3"),
+    ({"cluster_nodes": "h:1", "cluster_listen": "h:1", "cluster_heartbeat_interval": "0.5"}, "quarter of the minimum"),
 ])
 def test_resolve_refuses_bad_values(cli: dict, fragment: str) -> None:
     with pytest.raises(ConfigurationError, match=fragment):

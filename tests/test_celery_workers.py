@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import HOST, free_ports
+from tests.support import HOST, free_ports, scrape, value
 from tests.workers import (
     FAILOVER_BOUND,
     MAX_TIMEOUT,
@@ -350,6 +350,24 @@ def test_leader_only_tasks_run_once_on_the_leader(clusters: Any, broker: str) ->
     assert all(r["i"] in hand for r in follower_prerun), follower_prerun
     assert all(r["state"] in ("REJECTED", "IGNORED") for r in follower_post), follower_post
     assert not [r for r in runs if r["node"] != leader.name]
+
+    # /cluster/metrics tells the same story, counted in the pool processes that did it.
+    sends_before = len([s for s in c.beat_sends() if s.get("sent_by") == leader.name])
+    scraped = {w.name: scrape(w.address)[1] for w in c.workers.values()}
+    sends_after = len([s for s in c.beat_sends() if s.get("sent_by") == leader.name])
+    m = scraped[leader.name]
+    assert value(m, "celery_cluster_leader_only_tasks_total", outcome="run") == len(runs)
+    followers = [scraped[name] for name in scraped if name != leader.name]
+    passed_on = sum(value(f, "celery_cluster_leader_only_tasks_total", outcome=o)
+                    for f in followers for o in ("requeued", "republished"))
+    assert passed_on == len(follower_post)
+    assert all(value(f, "celery_cluster_leader_only_tasks_total", outcome="run") == 0 for f in followers)
+    assert value(m, "celery_cluster_beat_running") == 1 and value(m, "celery_cluster_leader_queue_consumed") == 1
+    published = value(m, "celery_cluster_beat_entries_published_total")
+    assert sends_before - 1 <= published <= sends_after, (sends_before, published, sends_after)
+    assert value(m, "celery_cluster_beat_publish_failures_total") == 0
+    assert all(value(f, "celery_cluster_beat_running") == 0 and value(f, "celery_cluster_is_leader") == 0
+               for f in followers)
     measure("leader_only", broker=broker, tasks=len(runs), leader=leader.name, term=term,
             follower_deliveries=dict(Counter(r["state"] for r in follower_post)),
             hand_routed_ran_via=dict(hand_routes), hand_routed_all_ran=bool(done))

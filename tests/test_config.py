@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from celery_cluster.config import (
+    Membership,
     Timing,
     check_membership,
     default_state_dir,
@@ -274,6 +275,39 @@ def test_check_membership_outsider_error_beats_even_warning(caplog: pytest.LogCa
     with caplog.at_level(logging.WARNING, logger="celery_cluster"), pytest.raises(ConfigurationError):
         check_membership(["a:1", "b:1"], "c:1")
     assert caplog.records == []
+
+
+def test_membership_parses_once_and_normalises() -> None:
+    m = Membership.parse(" A:1,[0::1]:2,c:1", "a:1 ")
+    assert m == Membership(("a:1", "[::1]:2", "c:1"), "a:1")
+    assert m.peers == ("[::1]:2", "c:1")
+
+
+def test_one_even_count_warning_on_the_worker_path(caplog: pytest.LogCaptureFixture, tmp_path) -> None:
+    """The worker's settings parse the node list once; Cluster takes that Membership as it is."""
+    from celery_cluster import Cluster
+    from celery_cluster.settings import resolve
+
+    with caplog.at_level(logging.WARNING, logger="celery_cluster"):
+        settings = resolve({}, {"cluster_nodes": "127.0.0.1:1,127.0.0.1:2", "cluster_listen": "127.0.0.1:1"}, {})
+        assert settings is not None
+        cluster = Cluster(settings.membership, listen=settings.listen, timing=settings.timing,
+                          state_dir=tmp_path)
+        try:
+            assert cluster.members == ("127.0.0.1:1", "127.0.0.1:2") and cluster.timing is settings.timing
+        finally:
+            cluster.stop(transfer=False)
+    assert len([r for r in caplog.records if "even number" in r.getMessage()]) == 1
+
+
+def test_cluster_refuses_timing_given_twice(tmp_path) -> None:
+    from celery_cluster import Cluster
+
+    with pytest.raises(ConfigurationError, match="give timing= or"):
+        Cluster(["h:1"], advertise="h:1", state_dir=tmp_path, timing=Timing(), heartbeat_interval=0.1)
+    with pytest.raises(ConfigurationError, match="disagrees with the membership"):
+        Cluster(Membership.parse("h:1,h:2,h:3", "h:1"), advertise="h:2", state_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing was written
 
 
 # --- parse_timeout_range -------------------------------------------------------------

@@ -772,6 +772,30 @@ def test_a_stopped_node_takes_no_more_requests(fresh: Callable[..., tuple[Cluste
         conn.close()
 
 
+def test_stop_closes_kept_alive_connections(fresh: Callable[..., tuple[Cluster, list[str]]]) -> None:
+    """A stopped node answers nothing more on a connection a peer kept open (it once went on
+    answering 401s, or GETs, from the handler thread of that connection)."""
+    cl, _ = fresh()
+    sock = socket.create_connection(("127.0.0.1", cl.port), timeout=5)
+    try:
+        sock.sendall(b"GET /cluster/id HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b"\r\n\r\n" not in first:
+            first += sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200")
+        cl.stop(transfer=False, timeout=0.2)
+        sock.settimeout(5)
+        rest = first.split(b"\r\n\r\n", 1)[1]
+        while True:  # the rest of the first response, then EOF: the server ended the connection
+            data = sock.recv(4096)
+            if not data:
+                break
+            rest += data
+        assert len(rest) <= len(json.dumps({"id": cl.id})) + 2
+    finally:
+        sock.close()
+
+
 # -- the blueprint in the user's own Flask app ------------------------------------------------------
 
 

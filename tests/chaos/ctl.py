@@ -20,6 +20,7 @@ import threading
 from typing import Any
 
 from celery_cluster.auth import Signer, load_secret
+from celery_cluster.clock import lease_clock
 
 
 def _request(addr: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
@@ -45,6 +46,7 @@ class Ctl:
         self.signer = Signer(secret)
         self.pool = concurrent.futures.ThreadPoolExecutor(8)
         self.sent: list[int] = []
+        self.sent_at: dict[int, float] = {}  # i -> the machine's boot clock once the publish returned
         self.stop_producing = threading.Event()
         self.producer: threading.Thread | None = None
 
@@ -76,6 +78,7 @@ class Ctl:
             while not self.stop_producing.is_set() and i < 100_000:
                 try:
                     lead.delay(i)
+                    self.sent_at[i] = lease_clock()
                     self.sent.append(i)
                 except Exception as exc:  # noqa: BLE001 - the broker is up the whole run; say so if not
                     print(json.dumps({"producer_error": str(exc)}), file=sys.stderr, flush=True)
@@ -109,7 +112,7 @@ def main() -> None:
                 ctl.produce(req["every"])
                 reply = {"ok": True}
             elif op == "produced":
-                reply = {"sent": ctl.produced()}
+                reply = {"sent": ctl.produced(), "sent_at": ctl.sent_at}
             else:
                 reply = {"error": f"unknown op {op}"}
         except Exception as exc:  # noqa: BLE001 - report, keep serving

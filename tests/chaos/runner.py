@@ -405,8 +405,11 @@ class ChaosRun:
         if self.wait_leader(60.0) is None:  # restarted workers may take seconds to boot
             self.problems.append("no leader once every fault was healed and every node restarted")
         sent: list[int] = []
+        sent_at: dict[int, float] = {}
         if self.mode == "worker":
-            sent = self._ctl({"op": "produced"})["sent"]
+            produced = self._ctl({"op": "produced"})
+            sent = produced["sent"]
+            sent_at = {int(i): t for i, t in produced["sent_at"].items()}
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline and not set(sent) <= self._lead_done():
                 time.sleep(0.2)  # polling interval
@@ -419,11 +422,14 @@ class ChaosRun:
             except subprocess.TimeoutExpired:
                 self.kill(m)
         transitions, actions = self.history()
+        delivered = {r["i"] for r in self._records() if r.get("kind") == "delivery"}
+        kills = [(f["node"], f["start"]) for f in self.faults if f["kind"] == "kill"]
         verdict = check(transitions, actions, ended=self.ended, lead_sent=sent, liveness=self.liveness,
-                        liveness_bound=LIVENESS_BOUND, expect_beat=self.mode == "worker")
+                        liveness_bound=LIVENESS_BOUND, expect_beat=self.mode == "worker",
+                        lead_sent_at=sent_at, delivered=delivered, kills=kills)
         verdict.violations[:0] = self.problems
         lost = sorted(set(sent) - {a["i"] for a in actions if a["kind"] == "lead"})
-        for i in lost[:5]:  # where each lost task was last seen, for the diagnosis
+        for i in (lost[:5] if not verdict.ok else []):  # where each lost task was last seen, for the diagnosis
             seen = [r for r in self._records() if r.get("kind") in ("delivery", "outcome") and r.get("i") == i]
             verdict.violations.append(f"  task {i} deliveries: {seen or 'none'}")
         kinds: dict[str, int] = {}
@@ -475,4 +481,5 @@ def summary(mode: str, run: ChaosRun, verdict: Verdict) -> str:
             f"elections={f['elections']} max_failover={f['max_failover_s']}s max_recovery={f['max_recovery_s']}s "
             f"leader_only_actions={f['leader_only_actions']} beat_publishes={f['beat_publishes']} "
             f"(lost_to_window={f['beat_lost_to_window']}) lead_tasks={f['lead_tasks']} "
-            f"(redelivered={f['lead_redelivered']}) violations={len(verdict.violations)}")
+            f"(redelivered={f['lead_redelivered']}, lost_to_transport={f['lead_lost_to_transport']}) "
+            f"violations={len(verdict.violations)}")

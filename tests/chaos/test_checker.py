@@ -104,6 +104,26 @@ def test_leader_only_tasks_lost_or_run_twice_in_a_term_are_caught() -> None:
     assert v.ok and v.figures["lead_redelivered"] == 1
 
 
+def test_a_task_lost_inside_the_redis_transport_is_told_apart() -> None:
+    """Never delivered and the leader (the queue's consumer) killed just after the send: the
+    transport's BRPOP window, counted. Anything else that never ran stays a violation."""
+    t = [leader("a", 1, 1.0)]  # a leads from 1.0 until it is killed (ended below)
+    ran = [act("a", 1, 1.1, 1.5, "lead", i=1)]
+    kw: dict[str, Any] = {"ended": {("a", 0): 2.2}, "lead_sent": [1, 2], "kills": [("a", 2.2)]}
+    v = check(t, ran, lead_sent_at={1: 1.05, 2: 2.0}, **kw)
+    assert v.ok, v.violations
+    assert v.figures["lead_lost_to_transport"] == 1
+    # A worker received it: it should have been requeued or restored - a real loss.
+    v = check(t, ran, lead_sent_at={1: 1.05, 2: 2.0}, delivered=[1, 2], **kw)
+    assert any("never ran: [2]" in x for x in v.violations)
+    # Sent long before the kill: a real loss.
+    v = check(t, ran, lead_sent_at={1: 1.05, 2: 1.1}, **kw)
+    assert any("never ran: [2]" in x for x in v.violations)
+    # The killed node was not the leader: a real loss.
+    v = check(t, ran, lead_sent_at={1: 1.05, 2: 2.0}, **{**kw, "kills": [("b", 2.2)]})
+    assert any("never ran: [2]" in x for x in v.violations)
+
+
 def test_no_leader_after_a_stable_window_is_caught() -> None:
     assert any("no leader within 3.0 s" in x for x in check(CLEAN_T, [], liveness=[(10.0, None)]).violations)
     assert any("no leader within 3.0 s" in x for x in check(CLEAN_T, [], liveness=[(10.0, 13.5)]).violations)
