@@ -68,11 +68,15 @@ MAX_BATCH = 100
 ScheduleState = dict[str, tuple[datetime.datetime | None, int]]
 
 
-def encode_schedule(state: ScheduleState) -> str:
-    entries = {
-        name: {"last_run_at": last_run_at.isoformat() if last_run_at else None, "total_run_count": count}
-        for name, (last_run_at, count) in state.items()
-    }
+def encode_schedule(state: ScheduleState, terms: dict[str, int] | None = None) -> str:
+    """The payload. ``terms`` (name -> the term that fired it last) is optional: for the
+    status page, and ignored by readers that predate it."""
+    terms = terms or {}
+    entries: dict[str, dict[str, Any]] = {}
+    for name, (last_run_at, count) in state.items():
+        entries[name] = {"last_run_at": last_run_at.isoformat() if last_run_at else None, "total_run_count": count}
+        if name in terms:
+            entries[name]["term"] = terms[name]
     return json.dumps({"format": PAYLOAD_FORMAT, "beat": entries}, sort_keys=True, separators=(",", ":"))
 
 
@@ -88,6 +92,14 @@ def decode_schedule(payload: str) -> ScheduleState:
         when = datetime.datetime.fromisoformat(e["last_run_at"]) if e.get("last_run_at") else None
         out[name] = (when, int(e.get("total_run_count", 0)))
     return out
+
+
+def decode_terms(payload: str) -> dict[str, int]:
+    """name -> the term that last fired it, where the payload says."""
+    if not payload:
+        return {}
+    data = json.loads(payload)
+    return {name: int(e["term"]) for name, e in data.get("beat", {}).items() if e.get("term") is not None}
 
 
 class ReplicatedSchedulerMixin:
@@ -107,7 +119,9 @@ class ReplicatedSchedulerMixin:
     _batch: list[tuple[Any, Any, Any]] | None = None  # (entry, reserved, producer) while tick() collects
 
     def setup_schedule(self) -> None:
-        self._state: ScheduleState = decode_schedule(self.cluster_beat.cluster.payload[1])
+        payload = self.cluster_beat.cluster.payload[1]
+        self._state: ScheduleState = decode_schedule(payload)
+        self._terms: dict[str, int] = decode_terms(payload)
         self._reserved: dict[str, Any] = {}
         super().setup_schedule()  # type: ignore[misc]
         self._seed(self.schedule)
@@ -175,11 +189,12 @@ class ReplicatedSchedulerMixin:
         """Record ``batch`` (entry, reserved entry, producer) in the replicated state, then
         publish each - under one piece of leader work a planned handover waits for."""
         beat = self.cluster_beat
-        state = dict(self._state)
+        state, terms = dict(self._state), dict(self._terms)
         for entry, reserved, _ in batch:
             state[entry.name] = (reserved.last_run_at, reserved.total_run_count)
+            terms[entry.name] = beat.leadership.term
         with beat.leadership.acting() as ok:
-            if not ok or not beat.record_firing(state):
+            if not ok or not beat.record_firing(state, terms):
                 # Nothing recorded: the runs stay due - for the successor, or for us if
                 # the handover does not happen after all.
                 log.info("[cluster] beat: leadership ending; %d due run(s) left for the next leader", len(batch))
@@ -187,7 +202,7 @@ class ReplicatedSchedulerMixin:
                 for entry, _, _ in reversed(batch):  # the earliest reservation of an entry wins
                     self._withdraw(entry)
                 return
-            self._state = state
+            self._state, self._terms = state, terms
             for i, (entry, reserved, producer) in enumerate(batch):
                 if not beat.leadership.is_valid():  # the lease, re-checked right before each publish
                     log.warning("[cluster] beat: lease lost before sending %d recorded run(s); not sent",
@@ -295,10 +310,39 @@ class LeaderBeat:
                 "beat_restarts": self.restarts, "beat_last_error": self.last_error,
                 "beat_last_error_at": self.last_error_at}
 
-    def record_firing(self, state: ScheduleState) -> bool:
+    def entries(self, limit: int = 200) -> tuple[list[dict[str, Any]], int]:
+        """The schedule as this leader's beat sees it - name, task, schedule, last run, next
+        run, run count and the term that fired it last - soonest first, at most ``limit``;
+        and how many entries there are. Read from another thread (the status page): only
+        a copy of the mapping and pure schedule arithmetic, never the scheduler's storage."""
+        scheduler = self.scheduler
+        mapping = getattr(scheduler, "_seeded", None)
+        if mapping is None:
+            return [], 0
+        try:
+            items = list(mapping.items())
+        except RuntimeError:  # the mapping changed while copying: the next refresh shows it
+            return [], 0
+        terms = dict(getattr(scheduler, "_terms", {}))
+        out = []
+        for name, entry in items:
+            try:
+                last = entry.last_run_at
+                now = entry.schedule.now()
+                next_run = now + entry.schedule.remaining_estimate(last) if last is not None else None
+            except Exception:  # noqa: BLE001 - a custom schedule without the arithmetic: show less
+                next_run = None
+            out.append({"name": name, "task": entry.task, "schedule": str(entry.schedule),
+                        "last_run_at": last.isoformat() if last is not None else None,
+                        "next_run_at": next_run.isoformat() if next_run is not None else None,
+                        "total_run_count": entry.total_run_count, "term": terms.get(name)})
+        out.sort(key=lambda e: (e["next_run_at"] is None, e["next_run_at"] or "", e["name"]))
+        return out[:limit], len(out)
+
+    def record_firing(self, state: ScheduleState, terms: dict[str, int] | None = None) -> bool:
         """Replicate the schedule's state to a majority; False if leadership went first."""
         try:
-            version = self.cluster.propose(encode_schedule(state))
+            version = self.cluster.propose(encode_schedule(state, terms))
         except Exception as exc:  # noqa: BLE001 - NotLeader: we lost it between tick and now
             log.warning("[cluster] beat: cannot record firing: %s", exc)
             return False

@@ -25,6 +25,7 @@ from .errors import ClusterError, ConfigurationError
 from .http_client import PeerClient
 from .http_server import EmbeddedServer, make_app, make_blueprint
 from .metrics import Extras, make_registry, render
+from .status_page import Overview
 from .clock import lease_clock
 from .messages import Version
 from .node import Leadership, LeaseSink, Node
@@ -135,6 +136,7 @@ class Cluster:
         #: Extra metric families for GET /cluster/metrics (the Celery step adds beat and task metrics).
         self.metrics_extras: Extras | None = None
         self._registry = make_registry(self.node, self.client, lambda: self.metrics_extras)
+        self._overview = Overview(self.advertise, self.members, self.status)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -176,6 +178,7 @@ class Cluster:
         self.node.stop(transfer=transfer, timeout=timeout)
         if self._server is not None:
             self._server.stop()
+        self._overview.close()
 
     def __enter__(self) -> Cluster:
         self.start()
@@ -190,7 +193,7 @@ class Cluster:
         """The ``/cluster`` routes, to mount in your own Flask app."""
         if self._bp is None:
             self._bp = make_blueprint(self.node, self.signer, status=self.status, health=self.health,
-                                      metrics=self.metrics)
+                                      metrics=self.metrics, overview=self.overview)
         return self._bp
 
     def is_leader(self) -> bool:
@@ -220,6 +223,10 @@ class Cluster:
         if self.health_extras is not None:
             problems += self.health_extras()
         return problems
+
+    def overview(self) -> dict[str, Any]:
+        """``GET /cluster/overview``: every member's status, as the status page shows it."""
+        return self._overview()
 
     def metrics(self, accept: str | None = None) -> tuple[bytes, str]:
         """``GET /cluster/metrics``: the exposition (Prometheus text, or OpenMetrics if

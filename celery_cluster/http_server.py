@@ -37,6 +37,7 @@ from werkzeug.wsgi import LimitedStream
 from .auth import SENDER_HEADER, Signer
 from .errors import AuthenticationError, ProtocolError, TransferError
 from .log_limit import LogLimiter
+from .status_page import PAGE
 from .messages import MAX_PAYLOAD_LEN, AppendEntries, TimeoutNow, VoteRequest, decode, encode
 from .node import NodeStopped
 
@@ -155,7 +156,8 @@ class RpcEndpoint:
 def make_blueprint(node: Node, signer: Signer | None = None,
                    status: Callable[[], dict[str, Any]] | None = None,
                    health: Callable[[], list[str]] | None = None,
-                   metrics: Callable[[str | None], tuple[bytes, str]] | None = None) -> Blueprint:
+                   metrics: Callable[[str | None], tuple[bytes, str]] | None = None,
+                   overview: Callable[[], dict[str, Any]] | None = None) -> Blueprint:
     bp = Blueprint("celery_cluster", __name__, url_prefix="/cluster")
     endpoint = RpcEndpoint(node, signer)
     bp.rpc_endpoint = endpoint  # type: ignore[attr-defined] - the embedded server's fast path uses it
@@ -189,6 +191,19 @@ def make_blueprint(node: Node, signer: Signer | None = None,
         body = {"healthy": not problems, "reasons": problems, "id": node.id}
         return Response(json.dumps(body, separators=(",", ":")), status=503 if problems else 200,
                         mimetype="application/json")
+
+    @bp.get("", strict_slashes=False)  # /cluster and /cluster/: never a redirect
+    def page() -> Response:
+        return Response(PAGE, status=200, mimetype="text/html",
+                        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                                 "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                                            "style-src 'unsafe-inline'"})
+
+    @bp.get("/overview")
+    def overview_route() -> Response:
+        if overview is None:
+            return _error(404, "no overview here")
+        return _json(overview())
 
     @bp.get("/metrics")
     def metrics_route() -> Response:

@@ -28,6 +28,7 @@ Time is one injectable clock (default :func:`~celery_cluster.clock.lease_clock`,
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import json
@@ -58,6 +59,8 @@ from .state_file import StateFile
 from .stats import NodeStats
 
 Callback = Callable[[int], Any]
+#: How many transitions ``status()`` lists (``recent_transitions``).
+RECENT_TRANSITIONS = 20
 
 
 class Transport(Protocol):
@@ -169,6 +172,8 @@ class Node:
         self._threads: list[threading.Thread] = []
         #: Counters and histograms for metrics (``celery_cluster.metrics`` reads them).
         self.stats = NodeStats()
+        #: The latest transitions (the JSON log records), for the status page.
+        self.transitions: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_TRANSITIONS)
         self._last_leader: str | None = None
         state = state_file.load() if state_file is not None else None
         self.core = Election(
@@ -387,6 +392,10 @@ class Node:
                 "clock": CLOCK_NAME,
                 "payload_version": list(c.version),
                 "failure": str(self.failure) if self.failure is not None else None,
+                "recent_transitions": [
+                    {k: t[k] for k in ("ts", "event", "term", "leader_id", "reason") if k in t}
+                    for t in self.transitions
+                ],
                 "nodes": [
                     {
                         "address": p,
@@ -575,6 +584,7 @@ class Node:
             "leader_id": leader_id,
             **{k: (None if isinstance(v, float) and v == float("-inf") else v) for k, v in extra.items()},
         }
+        self.transitions.append(record)
         state = {"id": self.id, "leader_id": leader_id, "state": event, "term": term,
                  "voted_for": self.core.voted_for}
         text = "[cluster] Current state is %s" % json.dumps(state, separators=(",", ":"))

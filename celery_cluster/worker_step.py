@@ -56,6 +56,8 @@ from .leader_tasks import LeaderQueueRouter, is_leader_only, leader_queue_name, 
 from .settings import ClusterSettings, app_flag, resolve, worker_options
 
 log = logging.getLogger("celery_cluster")
+#: The most beat entries GET /cluster/status lists (soonest due first).
+BEAT_ENTRIES_SHOWN = 200
 
 
 class ClusterMisconfigured(ImproperlyConfigured, click.ClickException):
@@ -367,7 +369,15 @@ class ClusterStep(bootsteps.StartStopStep):
                                                       "beat_last_error": None, "beat_last_error_at": None}),
             "leader_queue": self.settings.leader_queue if self.settings else None,
             "leader_queue_consumed": self.consuming_leader_queue,
+            **self._beat_entries(beat),
         }
+
+    @staticmethod
+    def _beat_entries(beat: LeaderBeat | None) -> dict[str, Any]:
+        if beat is None or not beat.running:
+            return {"beat_entries": [], "beat_entries_total": 0}
+        entries, count = beat.entries(BEAT_ENTRIES_SHOWN)
+        return {"beat_entries": entries, "beat_entries_total": count}
 
     def _health_extras(self) -> list[str]:
         """A leader whose beat is not running fails the health check: the schedule stops."""

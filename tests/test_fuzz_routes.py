@@ -3,7 +3,8 @@
 One module-scoped node - A of [A, B, C], where B and C are loopback ports nobody listens on, so
 A never elects itself - runs the embedded server with a shared secret and its state in a
 temporary directory (election timeout 40-60 s: it changes no hard state on its own). For every
-route (the four RPCs, ``status``, ``id``, ``health``, ``stepdown`` and unknown paths) each
+route (the four RPCs, ``status``, ``id``, ``health``, ``metrics``, ``overview``, ``stepdown``,
+and unknown paths - ``/cluster`` and ``/cluster/``, the status page, among them) each
 example draws one request - method, request target, framing, headers, signature, body - and
 sends it on a new connection, over a raw socket (so the framing can be wrong) or through
 ``http.client``; a separate test sends several requests on one keep-alive connection, one after
@@ -11,7 +12,8 @@ the other or pipelined. After every request:
 
 * a non-empty request gets an answer within ``IO_TIMEOUT``, and its status is 2xx or 4xx (or the
   503 by which ``GET /cluster/health`` says "unhealthy");
-* a 2xx only for a read (GET/HEAD of ``status``, ``id``, ``health``; OPTIONS with an empty body)
+* a 2xx only for a read (GET/HEAD of ``status``, ``id``, ``health``, ``metrics``, ``overview``,
+  the page; OPTIONS with an empty body)
   or for a validly signed, well-formed RPC from a peer - which a canonical request also must get;
 * term, vote, payload (version and text), "heard from" and the state file are untouched unless
   the request was validly signed (fresh timestamp, a peer's name, a well-formed message of the
@@ -57,6 +59,7 @@ from celery_cluster import Cluster
 from celery_cluster.http_server import MAX_BODY
 from celery_cluster.messages import MAX_ADDRESS_LEN, MAX_NUMBER, MAX_PAYLOAD_LEN, MAX_TERM, HardState
 from celery_cluster.state_file import StateFile
+from celery_cluster.status_page import PAGE
 from tests.support import free_ports
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
@@ -73,7 +76,7 @@ CAP = 10**6
 
 RPCS = ("requestvote", "prevote", "appendentries", "timeoutnow")
 #: "health" (GET /cluster/health, 200 or 503 - a Kubernetes probe) is not in the README's list.
-READS = ("status", "id", "health")
+READS = ("status", "id", "health", "metrics", "overview")
 ROUTES = (*RPCS, *READS, "stepdown", "unknown")
 TYPE_OF = {"requestvote": "VoteRequest", "prevote": "VoteRequest", "appendentries": "AppendEntries",
            "timeoutnow": "TimeoutNow"}
@@ -478,7 +481,7 @@ def stepdown_status(t: Target, body: bytes) -> int:
 
 def expected_status(t: Target, route: str, method: str, body: bytes, sig: Signature) -> frozenset[int] | None:
     """What a canonical request (plain method, target, framing and headers) must get."""
-    if route in ("status", "id"):
+    if route in ("status", "id", "metrics", "overview"):
         return frozenset({200})
     if route == "health":
         return frozenset({200, 503})  # this node never leads, and hears a leader only from signed heartbeats
@@ -547,8 +550,12 @@ def is_read_answer(t: Target, probe: Probe, reply: Reply) -> bool:
         return False
     if probe.method == "HEAD":
         return reply.body == b""
+    if reply.body.startswith(b"<!doctype html>"):  # the status page, always the same document
+        return reply.body == PAGE.encode()
+    if (reply.header("content-type") or "").startswith(("text/plain", "application/openmetrics-text")):
+        return reply.body.startswith(b"# HELP celery_cluster_")  # metrics
     ok, obj = parse_json(reply.body)
-    return ok and isinstance(obj, dict) and obj.get("id") == t.me
+    return ok and isinstance(obj, dict) and (obj.get("id") == t.me or obj.get("served_by") == t.me)
 
 
 def check_reply(t: Target, probe: Probe, reply: Reply | NoAnswer, ctx: str) -> None:
