@@ -19,6 +19,7 @@ from typing import Sequence
 
 import click
 
+from . import __version__
 from .cluster import Cluster
 from .config import DEFAULT_ELECTION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, format_range
 from .errors import ClusterError
@@ -51,6 +52,7 @@ def _setup_logging(fmt: str) -> None:
 
 
 @click.group()
+@click.version_option(__version__, "--version", prog_name="celery-cluster", message="%(prog)s %(version)s")
 def cli() -> None:
     """celery-cluster: leader election for Celery workers."""
 
