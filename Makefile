@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test sim chaos fuzz bench-quick bench bench-dispatch bench-beat demo clean
+.PHONY: test sim chaos fuzz bench-quick bench bench-dispatch bench-beat bench-tls demo clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,6 +43,10 @@ bench-dispatch: $(STAMP)
 ## Many periodic tasks: the cluster's leader beat side by side with stock celery beat (Redis).
 bench-beat: $(STAMP)
 	$(PY) bench/beat_many.py
+
+## Heartbeat round trip and leader CPU with TLS between members, against plain HTTP.
+bench-tls: $(STAMP)
+	$(PY) bench/tls_rtt.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -10,7 +10,8 @@ Runs real ``celery-cluster node`` processes on loopback and prints a table.
   the killed node is restarted and the cluster settles between trials.
 * handoff: ``POST /cluster/stepdown`` until the new leader's ``leader`` event.
 * heartbeat RTT, two views: (a) one peer at a time - an AppendEntries over a
-  kept-alive loopback connection to a follower process, sequentially; (b) the leader's own measurement while it broadcasts to 4 peers
+  kept-alive loopback connection to a follower process, sequentially; (b) the leader's own
+  measurement while it broadcasts to 4 peers
   at N=5, read from ``/cluster/status`` (``heartbeat_rtt``): four concurrent
   requests on 2 cores also wait for each other and for the GIL.
 * idle CPU: utime+stime from ``/proc/PID/stat`` over 10 s, as % of one core.

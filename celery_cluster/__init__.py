@@ -25,7 +25,7 @@ _CELERY_API = {
 }
 
 
-def __getattr__(name: str):  # noqa: ANN202 - module-level lazy attribute
+def __getattr__(name: str) -> object:
     if name in _CELERY_API:
         import importlib
 

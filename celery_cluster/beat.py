@@ -144,7 +144,7 @@ class ReplicatedSchedulerMixin:
 
     @schedule.setter
     def schedule(self, value: Any) -> None:
-        super(ReplicatedSchedulerMixin, type(self)).schedule.fset(self, value)  # type: ignore[attr-defined]
+        super(ReplicatedSchedulerMixin, type(self)).schedule.fset(self, value)  # type: ignore[misc]
 
     def _seed(self, schedule: Any) -> None:
         """Bring every entry up to the replicated state where that has seen more runs: the
@@ -176,10 +176,10 @@ class ReplicatedSchedulerMixin:
             batch, self._batch = self._batch, None
             if batch:
                 self._fire(batch)
-        return interval
+        return float(interval)
 
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
-        reserved = self._reserved.pop(entry.name, None) or self.schedule[entry.name]  # type: ignore[attr-defined]
+        reserved = self._reserved.pop(entry.name, None) or self.schedule[entry.name]
         if self._batch is not None:
             self._batch.append((entry, reserved, producer))
         else:  # called outside tick(), by a driver of its own
@@ -242,7 +242,7 @@ class ReplicatedSchedulerMixin:
         """Undo ``tick()``'s ``reserve()`` of ``entry``: it stays due. ``tick()`` has already
         pushed the reserved copy on the heap, so the heap is dropped and rebuilt from the
         schedule (there is no documented hook for a firing that did not happen)."""
-        self.schedule[entry.name] = entry  # type: ignore[attr-defined]
+        self.schedule[entry.name] = entry
         _sync_model(entry)  # ModelEntry's next() advanced the shared model row
         self._heap = None
 
@@ -373,14 +373,14 @@ class LeaderBeat:
                 try:
                     self._run_scheduler()
                     return  # leadership over or stopping
-                except Exception as exc:  # noqa: BLE001 - supervised: log, back off, build it again
+                except Exception as exc:
                     if time.monotonic() - healthy_since > self.RESTART_BACKOFF[1]:
                         backoff = self.RESTART_BACKOFF[0]  # it ran well for a while: start over
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     self.last_error_at = time.time()
                     self.state = f"failing: {self.last_error}"
-                    log.error("[cluster] beat failed in term %s (%s); restarting in %.0f s",
-                              self.leadership.term, self.last_error, backoff, exc_info=True)
+                    log.exception("[cluster] beat failed in term %s (%s); restarting in %.0f s",
+                                  self.leadership.term, self.last_error, backoff)
                     self._wait(backoff)
                     backoff = min(backoff * 2, self.RESTART_BACKOFF[1])
                     if self._leading():
@@ -408,5 +408,5 @@ class LeaderBeat:
         finally:
             try:
                 scheduler.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("[cluster] beat: error closing the scheduler")

@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import click
 
@@ -24,6 +24,7 @@ from .cluster import Cluster
 from .config import DEFAULT_ELECTION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, format_range
 from .errors import ClusterError
 from .stepdown_command import stepdown_command
+from .tls import TLSConfig
 
 #: Exit status of a node that fail-stopped because its state could not be saved.
 EXIT_STATE_NOT_DURABLE = 3
@@ -68,14 +69,19 @@ def cli() -> None:
 @click.option("--state-dir", default=None, help="Directory for the term/vote file (default: per-node dir).")
 @click.option("--in-memory", is_flag=True, help="Keep no state on disk (gives up no-double-vote across restarts).")
 @click.option("--secret-file", default=None, help="File holding the shared HMAC secret.")
+@click.option("--tls-cert", default=None, help="PEM certificate of this node (TLS between members).")
+@click.option("--tls-key", default=None, help="PEM private key of --tls-cert.")
+@click.option("--tls-ca", default=None, help="PEM certificate of the CA that signed every member's.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def node(listen: str, nodes: str, advertise: str | None, election_timeout: str, heartbeat_interval: float,
-         state_dir: str | None, in_memory: bool, secret_file: str | None, log_format: str) -> None:
+         state_dir: str | None, in_memory: bool, secret_file: str | None, tls_cert: str | None,
+         tls_key: str | None, tls_ca: str | None, log_format: str) -> None:
     """Run one cluster member until SIGTERM/SIGINT."""
     _setup_logging(log_format)
     stop = threading.Event()
     try:
-        cluster = Cluster(nodes, listen=listen, advertise=advertise,
+        tls = TLSConfig.from_options(tls_cert, tls_key, tls_ca)
+        cluster = Cluster(nodes, listen=listen, advertise=advertise, tls=tls,
                           election_timeout=election_timeout,
                           heartbeat_interval=heartbeat_interval, state_dir=state_dir,
                           secret_file=secret_file, persist=not in_memory,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 _BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
 

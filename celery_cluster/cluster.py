@@ -6,11 +6,13 @@ import errno
 import ipaddress
 import logging
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from flask import Blueprint
 
 from .auth import Signer, load_secret
+from .clock import lease_clock
 from .config import (
     DEFAULT_ELECTION_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -19,17 +21,18 @@ from .config import (
     Timing,
     default_state_dir,
     parse_address,
+    parse_timeout_range,
     split_host_port,
 )
 from .errors import ClusterError, ConfigurationError
 from .http_client import PeerClient
 from .http_server import EmbeddedServer, make_app, make_blueprint
-from .metrics import Extras, make_registry, render
-from .status_page import Overview
-from .clock import lease_clock
 from .messages import Version
+from .metrics import Extras, make_registry, render
 from .node import Leadership, LeaseSink, Node
 from .state_file import StateFile
+from .status_page import Overview, tls_session
+from .tls import TLSConfig
 
 log = logging.getLogger("celery_cluster")
 
@@ -40,7 +43,8 @@ class Cluster:
     ``nodes`` lists every member's advertise address (``HOST:PORT``), this one
     included, or is a :class:`~celery_cluster.config.Membership` parsed already.
     Timing is ``election_timeout``/``heartbeat_interval``/``max_clock_drift``, or one
-    :class:`~celery_cluster.config.Timing` as ``timing``. With ``listen`` set, :meth:`start` runs an embedded HTTP server
+    :class:`~celery_cluster.config.Timing` as ``timing``. With ``listen`` set, :meth:`start`
+    runs an embedded HTTP server
     there; otherwise mount :meth:`blueprint` in your own Flask app and pass
     ``advertise``. ``on_leader(term)`` runs when this node's lease starts,
     ``on_follower(term)`` at start and when leadership is lost; both run on a
@@ -71,6 +75,7 @@ class Cluster:
         state_dir: str | os.PathLike[str] | None = None,
         secret: str | bytes | None = None,
         secret_file: str | os.PathLike[str] | None = None,
+        tls: TLSConfig | None = None,
         persist: bool = True,
         max_clock_drift: float | None = None,
         timing: Timing | None = None,
@@ -94,7 +99,8 @@ class Cluster:
         self.members = membership.members
         self.advertise = membership.advertise
         if timing is None:
-            timing = Timing(DEFAULT_ELECTION_TIMEOUT if election_timeout is None else election_timeout,
+            timing = Timing(DEFAULT_ELECTION_TIMEOUT if election_timeout is None
+                            else parse_timeout_range(election_timeout),
                             DEFAULT_HEARTBEAT_INTERVAL if heartbeat_interval is None else heartbeat_interval,
                             DEFAULT_MAX_CLOCK_DRIFT if max_clock_drift is None else max_clock_drift)
         elif (election_timeout, heartbeat_interval, max_clock_drift) != (None, None, None):
@@ -103,22 +109,27 @@ class Cluster:
         self.timing = timing
         secret_bytes = load_secret(secret=secret, secret_file=secret_file)
         self.signer = Signer(secret_bytes) if secret_bytes else None
+        self.tls = tls
+        # Built (and the files loaded) now: a bad certificate is a ConfigurationError at once.
+        self._tls_server = tls.server_context() if tls is not None else None
+        self._tls_client = tls.client_context() if tls is not None else None
+        self.state_dir: str | None = None
+        state_file: StateFile | None = None
         if persist:
             self.state_dir = (os.fspath(state_dir) if state_dir is not None
                               else str(default_state_dir(self.advertise, role)))
-            state_file: StateFile | None = StateFile(self.state_dir, self.advertise)
+            state_file = StateFile(self.state_dir, self.advertise)
             state_file.ensure_writable()
         else:
             if state_dir is not None:
                 raise ConfigurationError("persist=False and state_dir= contradict each other; pick one")
-            self.state_dir = None
-            state_file = None
         self.client = PeerClient(
             self.advertise,
             membership.peers,
             timeout=self.timing.rpc_timeout,
             on_response=lambda msg: self.node.receive(msg),
             signer=self.signer,
+            tls=self._tls_client,
         )
         try:
             self.node = Node(self.advertise, self.members, transport=self.client, timing=self.timing,
@@ -136,7 +147,9 @@ class Cluster:
         #: Extra metric families for GET /cluster/metrics (the Celery step adds beat and task metrics).
         self.metrics_extras: Extras | None = None
         self._registry = make_registry(self.node, self.client, lambda: self.metrics_extras)
-        self._overview = Overview(self.advertise, self.members, self.status)
+        self._overview = Overview(self.advertise, self.members, self.status,
+                                  session_factory=(lambda: tls_session(tls)) if tls is not None else None,
+                                  scheme="https" if tls is not None else "http")
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -164,12 +177,13 @@ class Cluster:
         host, port = split_host_port(self.listen)
         try:
             self._server = EmbeddedServer(make_app(self.blueprint()), host, port,
-                                          rpc_endpoint=self.blueprint().rpc_endpoint)
+                                          rpc_endpoint=self.blueprint().rpc_endpoint,  # type: ignore[attr-defined]
+                                          tls=self._tls_server)
         except OSError as exc:
             hint = {errno.EADDRINUSE: "another process listens there: pick another port",
                     errno.EADDRNOTAVAIL: "this host has no such address: listen on one of its own addresses "
                                          "(or 0.0.0.0) and advertise the one peers reach"}.get(
-                exc.errno, "check the address")
+                exc.errno or 0, "check the address")
             raise ConfigurationError(f"cannot listen on {self.listen} (the listen address): "
                                      f"{exc.strerror or exc}: {hint}") from None
 

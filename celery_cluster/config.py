@@ -184,7 +184,7 @@ def _seconds(value: object, original: object) -> float:
     if not (_is_number(value) or isinstance(value, str)):
         raise _invalid_range(original)
     try:
-        seconds = float(value)
+        seconds = float(value)  # type: ignore[arg-type]  # a number or a str, checked above
     except ValueError:
         raise _invalid_range(original) from None
     if not math.isfinite(seconds):

@@ -52,8 +52,8 @@ from __future__ import annotations
 import enum
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Union
 
 from .config import DEFAULT_ELECTION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_CLOCK_DRIFT
 from .errors import ClusterError, TransferError
@@ -140,7 +140,7 @@ class VoteRefused:
     reason: str
 
 
-Event = Union[RoleChanged, LeaseAcquired, SteppedDown, Committed, VoteRefused]
+Event = RoleChanged | LeaseAcquired | SteppedDown | Committed | VoteRefused
 
 
 @dataclass

@@ -24,13 +24,14 @@ import logging
 import os
 import selectors
 import socket
+import ssl
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .auth import Signer
-from .log_limit import LogLimiter
 from .election import Envelope
+from .log_limit import LogLimiter
 from .messages import AppendEntries, Message, TimeoutNow, VoteRequest, decode, encode
 from .stats import PeerStats
 
@@ -108,6 +109,7 @@ class _Peer:
         self.queue: collections.deque[Message] = collections.deque()
         self.sock: socket.socket | None = None
         self.connected = False
+        self.handshaking = False  # TLS: connected, handshake under way
         self.out = b""
         self.inbuf = bytearray()
         self.in_flight: Message | None = None
@@ -139,8 +141,10 @@ class PeerClient:
         timeout: float,
         on_response: Callable[[Message], None],
         signer: Signer | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.node_id = node_id
+        self.tls = tls
         self.timeout = timeout
         self.on_response = on_response
         self.signer = signer
@@ -290,10 +294,16 @@ class PeerClient:
     def _on_ready(self, peer: _Peer, events: int) -> None:
         if peer.sock is None:
             return
+        if peer.handshaking:
+            self._handshake(peer)
+            return
         if not peer.connected and events & selectors.EVENT_WRITE:
             err = peer.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self._fail(peer, OSError(err, os.strerror(err)))
+                return
+            if self.tls is not None:
+                self._start_tls(peer)
                 return
             peer.connected = True
             self._write(peer)
@@ -303,12 +313,47 @@ class PeerClient:
         if events & selectors.EVENT_READ and peer.sock is not None:
             self._read(peer)
 
+    def _start_tls(self, peer: _Peer) -> None:
+        """The TCP connection is up: wrap it (the selector must watch the new socket object)."""
+        assert peer.sock is not None and self.tls is not None
+        self._selector.unregister(peer.sock)
+        try:
+            peer.sock = self.tls.wrap_socket(peer.sock, server_hostname=peer.sockaddr[0],
+                                             do_handshake_on_connect=False)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            peer.sock = None
+            self._fail(peer, exc)
+            return
+        peer.handshaking = True
+        self._selector.register(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
+        self._handshake(peer)
+
+    def _handshake(self, peer: _Peer) -> None:
+        assert isinstance(peer.sock, ssl.SSLSocket)
+        try:
+            peer.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._selector.modify(peer.sock, selectors.EVENT_READ, peer)
+            return
+        except ssl.SSLWantWriteError:
+            self._selector.modify(peer.sock, selectors.EVENT_WRITE, peer)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            peer.stats.errors.inc("tls")
+            _refusals.warning((peer.address, "tls"), "[cluster] TLS handshake with %s failed: %s",
+                              peer.address, getattr(exc, "reason", None) or exc)
+            self._fail(peer, exc, counted=True)
+            return
+        peer.handshaking = False
+        peer.connected = True
+        self._write(peer)
+
     def _write(self, peer: _Peer) -> None:
         assert peer.sock is not None
         peer.connected = True
         try:
             sent = peer.sock.send(peer.out)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             sent = 0
         except OSError as exc:
             self._fail(peer, exc)
@@ -320,7 +365,10 @@ class PeerClient:
         assert peer.sock is not None
         try:
             data = peer.sock.recv(65536)
-        except BlockingIOError:
+            # TLS may hold more decrypted data than the socket shows as readable: take it all.
+            while isinstance(peer.sock, ssl.SSLSocket) and data and peer.sock.pending():
+                data += peer.sock.recv(peer.sock.pending())
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as exc:
             self._fail(peer, exc)
@@ -373,7 +421,7 @@ class PeerClient:
             return
         try:
             self.on_response(reply)
-        except Exception:  # noqa: BLE001 - the I/O thread must survive anything the node does
+        except Exception:
             log.exception("[cluster] error handling a reply from %s", peer.address)
 
     def _expire(self, now: float) -> None:
@@ -381,10 +429,11 @@ class PeerClient:
             if peer.in_flight is not None and now >= peer.deadline:
                 self._fail(peer, TimeoutError(f"no reply within {self.timeout:.3f} s"))
 
-    def _fail(self, peer: _Peer, exc: BaseException) -> None:
+    def _fail(self, peer: _Peer, exc: BaseException, counted: bool = False) -> None:
         # Peers come and go; Raft retries by design. Drop the request and the connection.
         if peer.in_flight is not None:
-            peer.stats.errors.inc(error_kind(exc))
+            if not counted:
+                peer.stats.errors.inc(error_kind(exc))
             log.debug("[cluster] %s to %s failed: %s", type(peer.in_flight).__name__, peer.address, exc)
         self._disconnect(peer)
         self._finish(peer)
@@ -402,4 +451,4 @@ class PeerClient:
             except (KeyError, ValueError):
                 pass
             peer.sock.close()
-        peer.sock, peer.connected, peer.inbuf = None, False, bytearray()
+        peer.sock, peer.connected, peer.handshaking, peer.inbuf = None, False, False, bytearray()

@@ -25,8 +25,10 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import ssl
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, request
 from werkzeug.datastructures import Headers
@@ -37,9 +39,10 @@ from werkzeug.wsgi import LimitedStream
 from .auth import SENDER_HEADER, Signer
 from .errors import AuthenticationError, ProtocolError, TransferError
 from .log_limit import LogLimiter
-from .status_page import PAGE
 from .messages import MAX_PAYLOAD_LEN, AppendEntries, TimeoutNow, VoteRequest, decode, encode
 from .node import NodeStopped
+from .status_page import PAGE
+from .tls import HANDSHAKE_TIMEOUT
 
 if TYPE_CHECKING:
     from .node import Node
@@ -51,6 +54,8 @@ _refusals = LogLimiter(log)
 MAX_BODY = MAX_PAYLOAD_LEN + 64 * 1024
 
 _RPC_PREFIX = "/cluster/"
+#: WSGI environ key: None on a plain connection, else whether the TLS client showed a certificate.
+CLIENT_CERT_ENVIRON = "celery_cluster.client_cert"
 _MAX_HEADERS = 100
 _MAX_HEADER_LINE = 8192
 
@@ -94,6 +99,11 @@ def closes_connection(status: int, rejected: _Reject | None = None) -> bool:
     return (rejected is not None and rejected.framing) or status >= 500
 
 
+def require_client_cert(client_cert: bool | None) -> None:
+    if client_cert is False:
+        raise _Reject(401, "a client certificate signed by the cluster's CA is required")
+
+
 def _error(status: int, message: str) -> Response:
     return Response(json.dumps({"error": message}), status=status, mimetype="application/json")
 
@@ -111,10 +121,13 @@ class RpcEndpoint:
         self.signer = signer
 
     def __call__(self, name: str, method: str, path: str, headers: Any, body: bytes,
-                 remote: str | None) -> tuple[int, bytes]:
-        """Returns (HTTP status, JSON body); every refusal happens before the node sees anything."""
+                 remote: str | None, client_cert: bool | None = None) -> tuple[int, bytes]:
+        """Returns (HTTP status, JSON body); every refusal happens before the node sees anything.
+        ``client_cert``: None on a plain connection, else whether the TLS client presented a
+        certificate (verified against the CA by the handshake) - required for RPCs."""
         cls, prevote = _RPC[name]
         try:
+            require_client_cert(client_cert)
             if len(body) > MAX_BODY:
                 raise _Reject(413, "body too large")
             signed_by = self.authenticate(method, path, headers, body)
@@ -122,7 +135,7 @@ class RpcEndpoint:
                 msg = decode(json.loads(body), expected=cls)
             except (ValueError, RecursionError, ProtocolError) as exc:  # RecursionError: deep nesting
                 raise _Reject(400, f"malformed {name} request: {exc}") from None
-            if prevote is not None and msg.prevote != prevote:
+            if prevote is not None and isinstance(msg, VoteRequest) and msg.prevote != prevote:
                 raise _Reject(400, f"{name} requires prevote={str(prevote).lower()}")
             if signed_by is not None and signed_by != msg.sender:
                 raise _Reject(401, f"signed by {signed_by} but sent as {msg.sender}")
@@ -160,7 +173,7 @@ def make_blueprint(node: Node, signer: Signer | None = None,
                    overview: Callable[[], dict[str, Any]] | None = None) -> Blueprint:
     bp = Blueprint("celery_cluster", __name__, url_prefix="/cluster")
     endpoint = RpcEndpoint(node, signer)
-    bp.rpc_endpoint = endpoint  # type: ignore[attr-defined] - the embedded server's fast path uses it
+    bp.rpc_endpoint = endpoint  # type: ignore[attr-defined]  # the embedded server's fast path uses it
 
     def read_body() -> bytes:
         length = body_length(request.headers)
@@ -174,7 +187,8 @@ def make_blueprint(node: Node, signer: Signer | None = None,
             body = read_body()
         except _Reject as rej:
             return _error(rej.status, rej.message)
-        code, data = endpoint(name, request.method, request.path, request.headers, body, request.remote_addr)
+        code, data = endpoint(name, request.method, request.path, request.headers, body, request.remote_addr,
+                              request.environ.get(CLIENT_CERT_ENVIRON))
         return Response(data or None, status=code, mimetype="application/json")
 
     for name in _RPC:
@@ -219,6 +233,7 @@ def make_blueprint(node: Node, signer: Signer | None = None,
     @bp.route("/stepdown", methods=["POST", "PUT"], provide_automatic_options=False)
     def stepdown() -> Response:
         try:
+            require_client_cert(request.environ.get(CLIENT_CERT_ENVIRON))
             body = read_body()
             endpoint.authenticate(request.method, request.path, request.headers, body)
             target = None
@@ -274,9 +289,32 @@ class _KeepAliveHandler(WSGIRequestHandler):
     disable_nagle_algorithm = True
     timeout = 60  # idle keep-alive connections close eventually
 
+    #: None on a plain connection; with TLS, whether the client presented a certificate.
+    client_cert: bool | None = None
+    _tls_failed = False
+
     def setup(self) -> None:
+        ctx: ssl.SSLContext | None = getattr(self.server, "tls", None)
+        if ctx is not None:
+            # The handshake runs here, in this connection's thread - never in the accept loop,
+            # where one silent client would stall every other.
+            raw = self.request
+            raw.settimeout(HANDSHAKE_TIMEOUT)
+            tls = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            self.request = tls
+            try:
+                tls.do_handshake()
+                self.client_cert = bool(tls.getpeercert())
+            except (ssl.SSLError, OSError) as exc:
+                self._tls_failed = True
+                _refusals.warning((self.client_address[0], "tls"), "[cluster] TLS handshake with %s failed: %s",
+                                  self.client_address[0], getattr(exc, "reason", None) or exc)
         super().setup()
         self.server.track(self.connection, True)  # type: ignore[attr-defined]
+
+    def handle(self) -> None:
+        if not self._tls_failed:
+            super().handle()
 
     def finish(self) -> None:
         self.server.track(self.connection, False)  # type: ignore[attr-defined]
@@ -284,9 +322,10 @@ class _KeepAliveHandler(WSGIRequestHandler):
 
     def parse_request(self) -> bool:
         """Request line and headers without http.client's email parser (~4x faster)."""
-        self.command = None
+        self.command = None  # type: ignore[assignment]  # http.server's own reset before parsing
         self.close_connection = True
-        if self.raw_requestline in (b"\r\n", b"\n"):  # one empty line before a request is allowed
+        raw: bytes = self.raw_requestline  # type: ignore[has-type]  # set by handle_one_request()
+        if raw in (b"\r\n", b"\n"):  # one empty line before a request is allowed
             self.raw_requestline = self.rfile.readline(65537)
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
@@ -352,7 +391,10 @@ class _KeepAliveHandler(WSGIRequestHandler):
         except _Reject as rej:
             self._refuse(rej)
             return
-        body = LimitedStream(self.rfile, length)
+        body = LimitedStream(self.rfile, length)  # type: ignore[arg-type]  # a buffered binary file
+        environ[CLIENT_CERT_ENVIRON] = self.client_cert
+        if self.client_cert is not None:
+            environ["wsgi.url_scheme"] = "https"
         environ["wsgi.input"] = body
         environ["wsgi.input_terminated"] = True
         result: list[Any] = []
@@ -373,7 +415,7 @@ class _KeepAliveHandler(WSGIRequestHandler):
         except ClientDisconnected:  # the body ended before its Content-Length
             self._refuse(_Reject(400, "the body is shorter than its Content-Length", framing=True))
             return
-        except Exception:  # noqa: BLE001 - answer 500, keep serving
+        except Exception:
             log.exception("[cluster] error handling %s", self.path)
             result[:] = ["500 INTERNAL SERVER ERROR", [("Content-Type", "application/json")]]
             chunks = [b'{"error": "internal error"}']
@@ -392,7 +434,7 @@ class _KeepAliveHandler(WSGIRequestHandler):
         if len(body) < length:
             self._refuse(_Reject(400, "the body is shorter than its Content-Length", framing=True))
             return
-        code, data = rpc(name, "POST", self.path, self.headers, body, self.client_address[0])
+        code, data = rpc(name, "POST", self.path, self.headers, body, self.client_address[0], self.client_cert)
         self._respond(code, [("Content-Type", "application/json")] if data else [], data,
                       close=closes_connection(code))
 
@@ -418,7 +460,7 @@ class _KeepAliveHandler(WSGIRequestHandler):
             self.wfile.write(data)
         self.wfile.flush()
 
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:  # noqa: ARG002
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass  # one line per heartbeat would drown the log
 
 
@@ -429,7 +471,8 @@ class EmbeddedServer:
     everything else goes through the Flask ``app``.
     """
 
-    def __init__(self, app: Any, host: str, port: int, rpc_endpoint: RpcEndpoint | None = None) -> None:
+    def __init__(self, app: Any, host: str, port: int, rpc_endpoint: RpcEndpoint | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         # Bind here, so that a port in use or an address not on this host is an OSError for
         # the caller to explain - werkzeug would print its own advice and sys.exit(1).
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -441,9 +484,10 @@ class EmbeddedServer:
                                                        request_handler=_KeepAliveHandler, fd=sock.fileno())
         finally:
             sock.close()  # the server holds a duplicate of it
-        self._server.daemon_threads = True
+        self._server.daemon_threads = True  # type: ignore[attr-defined]  # ThreadingMixIn's
         self._server.rpc_endpoint = rpc_endpoint  # type: ignore[attr-defined]
         self._server.track = self._track  # type: ignore[attr-defined]
+        self._server.tls = tls  # type: ignore[attr-defined]
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         self.port = self._server.server_address[1]

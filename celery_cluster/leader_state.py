@@ -29,8 +29,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .clock import lease_clock
 

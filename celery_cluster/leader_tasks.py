@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from typing import Any, Callable, NoReturn, TypeVar
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 from celery import Task, current_app, current_task
 from celery.exceptions import Ignore, Reject

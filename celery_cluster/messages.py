@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .errors import ProtocolError
 
@@ -108,7 +108,7 @@ class TimeoutNow:
         return self.leader
 
 
-Message = Union[VoteRequest, VoteResponse, AppendEntries, AppendResponse, TimeoutNow]
+Message = VoteRequest | VoteResponse | AppendEntries | AppendResponse | TimeoutNow
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls for cls in (VoteRequest, VoteResponse, AppendEntries, AppendResponse, TimeoutNow)
@@ -135,9 +135,9 @@ def decode(data: Any, expected: type | None = None) -> Message:
     if not isinstance(data, dict):
         raise ProtocolError("message must be a JSON object")
     name = data.get("type")
-    cls = MESSAGE_TYPES.get(name) if isinstance(name, str) else None
-    if cls is None:
+    if not isinstance(name, str) or name not in MESSAGE_TYPES:
         raise ProtocolError(f"unknown message type {name!r}")
+    cls = MESSAGE_TYPES[name]
     if expected is not None and cls is not expected:
         raise ProtocolError(f"expected a {expected.__name__}, got {name}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -151,7 +151,8 @@ def decode(data: Any, expected: type | None = None) -> Message:
                 raise ProtocolError(f"{name}: missing field {fname!r}")
             continue
         kwargs[fname] = _check(name, fname, data[fname])
-    return cls(**kwargs)
+    msg: Message = cls(**kwargs)
+    return msg
 
 
 def _number(where: str, value: Any, limit: int = MAX_NUMBER) -> int:

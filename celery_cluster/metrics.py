@@ -12,11 +12,11 @@ Every name starts with ``celery_cluster_``; see the README's "Metrics" table.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from .election import Role
@@ -108,7 +108,7 @@ class ClusterCollector:
                                         "Round trip of heartbeats this node sent as leader, per peer.",
                                         labels=["peer"])
             errors = CounterMetricFamily(PREFIX + "peer_request_errors", "Requests to a peer that failed, by "
-                                         "kind: timeout, refused, connection, auth, http, malformed.",
+                                         "kind: timeout, refused, connection, tls, auth, http, malformed.",
                                          labels=["peer", "kind"])
             for address, ps in sorted(peer_stats.items()):
                 _add_histogram(rtt, [address], ps.rtt.snapshot())

@@ -37,7 +37,8 @@ import math
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from .clock import NAME as CLOCK_NAME
 from .clock import lease_clock
@@ -59,6 +60,7 @@ from .state_file import StateFile
 from .stats import NodeStats
 
 Callback = Callable[[int], Any]
+DEFAULT_TIMING = Timing()
 #: How many transitions ``status()`` lists (``recent_transitions``).
 RECENT_TRANSITIONS = 20
 
@@ -134,7 +136,7 @@ class Node:
         members: tuple[str, ...],
         *,
         transport: Transport,
-        timing: Timing = Timing(),
+        timing: Timing = DEFAULT_TIMING,
         state_file: StateFile | None = None,
         on_leader: Callback | None = None,
         on_follower: Callback | None = None,
@@ -486,7 +488,7 @@ class Node:
         self.failure = exc
         self.log.critical("[cluster] %s: %s; this node leaves the cluster (fail-stop: its votes and "
                           "acknowledgements could no longer be trusted across a restart)", self.id, exc)
-        events = [ev for ev in ready.events if isinstance(ev, SteppedDown)]  # leadership this step ended
+        events: list[object] = [ev for ev in ready.events if isinstance(ev, SteppedDown)]  # this step ended
         if self.core.role is Role.LEADER:
             events += self.core.step_down(self.clock(), "state_not_durable").events
         self._revoke(None)
@@ -558,7 +560,7 @@ class Node:
                 if self.on_failure is not None:
                     try:
                         self.on_failure(arg)
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         self.log.exception("[cluster] on_failure callback failed")
             elif self.on_follower is not None:
                 self._invoke(self.on_follower, arg)
@@ -566,7 +568,7 @@ class Node:
     def _invoke(self, fn: Callback, term: int) -> None:
         try:
             fn(term)
-        except Exception:  # noqa: BLE001 - a user callback must not kill the node
+        except Exception:
             self.log.exception("[cluster] %s callback failed in term %s; stepping down",
                                getattr(fn, "__name__", fn), term)
             with self._lock:
@@ -575,7 +577,7 @@ class Node:
 
     def _log_transition(self, event: str, term: int, leader_id: str | None, **extra: Any) -> None:
         record = {
-            "ts": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             "mono": round(self.clock(), 6),  # the node's clock, on which lease_until is measured
             "boottime": round(lease_clock(), 6),  # the machine's, whatever the node's clock says
             "node": self.id,
@@ -587,7 +589,7 @@ class Node:
         self.transitions.append(record)
         state = {"id": self.id, "leader_id": leader_id, "state": event, "term": term,
                  "voted_for": self.core.voted_for}
-        text = "[cluster] Current state is %s" % json.dumps(state, separators=(",", ":"))
+        text = "[cluster] Current state is " + json.dumps(state, separators=(",", ":"))
         if "reason" in extra:
             text += f" (reason: {extra['reason']})"
         self.log.info(text, extra={"cluster_event": record})

@@ -9,8 +9,9 @@ Every option has three spellings: ``--cluster-nodes`` on ``celery worker``,
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from click import Option
 
@@ -23,6 +24,7 @@ from .config import (
     parse_address,
 )
 from .errors import ConfigurationError
+from .tls import TLSConfig
 
 DEFAULT_LEADER_QUEUE = "celery_cluster.leader"
 
@@ -32,6 +34,9 @@ OPTIONS: dict[str, tuple[str, Any]] = {
     "listen": ("HOST:PORT this worker serves the /cluster routes on.", None),
     "advertise": ("HOST:PORT peers reach this worker at (default: --cluster-listen).", None),
     "secret_file": ("File holding the shared HMAC secret for peer requests.", None),
+    "tls_cert": ("PEM certificate of this worker for TLS between members (with --cluster-tls-key/-ca).", None),
+    "tls_key": ("PEM private key of --cluster-tls-cert.", None),
+    "tls_ca": ("PEM certificate of the CA that signed every member's certificate.", None),
     "state_dir": ("Directory for the term/vote/schedule state file.", None),
     "election_timeout": (f"Election timeout MIN-MAX seconds (default {format_range(DEFAULT_ELECTION_TIMEOUT)}).",
                          format_range(DEFAULT_ELECTION_TIMEOUT)),
@@ -57,6 +62,7 @@ class ClusterSettings:
     secret_file: str | None
     state_dir: str | None
     timing: Timing
+    tls: TLSConfig | None
     leader_queue: str
     beat: bool
 
@@ -147,6 +153,7 @@ def resolve(conf: Any, cli: Mapping[str, Any], env: Mapping[str, str] = os.envir
         secret_file=raw["secret_file"] or None,
         state_dir=raw["state_dir"] or None,
         timing=timing,
+        tls=TLSConfig.from_options(raw["tls_cert"], raw["tls_key"], raw["tls_ca"]),
         leader_queue=leader_queue(conf, cli, env),
         beat=parse_bool("--cluster-beat", raw["beat"], True),
     )

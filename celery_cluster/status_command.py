@@ -34,11 +34,17 @@ are all shown and the command exits with status 3.
 from __future__ import annotations
 
 import json as _json
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import click
-from celery.bin.base import (COMMA_SEPARATED_LIST, CeleryCommand, CeleryOption, handle_preload_options,
-                             handle_remote_command_error)
+from celery.bin.base import (
+    COMMA_SEPARATED_LIST,
+    CeleryCommand,
+    CeleryOption,
+    handle_preload_options,
+    handle_remote_command_error,
+)
 from celery.exceptions import CeleryCommandException
 
 INSPECT_COMMAND = "cluster_status"

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import requests
+
+from .tls import TLSConfig
 
 #: Seconds a member has to answer the overview's status request.
 FETCH_TIMEOUT = 0.5
@@ -57,11 +60,11 @@ class Overview:
                 statuses[member] = future.result()
         finally:
             session.close()
-        nodes = []
+        nodes: list[dict[str, Any]] = []
         for member in self.members:
             st = statuses.get(member)
             nodes.append({"address": member, "reachable": st is not None, "status": st})
-        leaders = sorted({n["address"] for n in nodes if n["status"] and n["status"].get("is_leader")})
+        leaders = sorted(member for member in self.members if (statuses.get(member) or {}).get("is_leader"))
         return {"served_by": self.node_id, "nodes": nodes, "leaders": leaders,
                 "took_ms": round((time.monotonic() - started) * 1000, 1)}
 
@@ -72,6 +75,14 @@ class Overview:
 def _plain_session() -> requests.Session:
     session = requests.Session()
     session.trust_env = False  # members are reached directly, never through an environment proxy
+    return session
+
+
+def tls_session(tls: TLSConfig) -> requests.Session:
+    """A session that verifies members against the cluster's CA and shows our certificate."""
+    session = _plain_session()
+    session.verify = tls.ca
+    session.cert = (tls.cert, tls.key)
     return session
 
 

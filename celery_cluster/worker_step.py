@@ -49,11 +49,11 @@ from .clock import lease_clock
 from .cluster import Cluster
 from .config import default_state_dir
 from .errors import ClusterError
-from .state_file import StateFile
-from .metrics import counter, gauge
-from .stats import Counters
 from .leader_tasks import LeaderQueueRouter, is_leader_only, leader_queue_name, mark_task
+from .metrics import counter, gauge
 from .settings import ClusterSettings, app_flag, resolve, worker_options
+from .state_file import StateFile
+from .stats import Counters
 
 log = logging.getLogger("celery_cluster")
 #: The most beat entries GET /cluster/status lists (soonest due first).
@@ -78,7 +78,7 @@ def install(app: Celery) -> None:
     """
     if getattr(app, "_celery_cluster_installed", False):
         return
-    app._celery_cluster_installed = True  # type: ignore[attr-defined]
+    app._celery_cluster_installed = True
     app.steps["worker"].add(ClusterStep)
     for option in worker_options():
         app.user_options["worker"].add(option)
@@ -126,7 +126,7 @@ def refuse_standalone_beat(sender: Any = None, **kwargs: Any) -> None:
     would send every periodic task twice. Stops it with one line (exit 2) unless the app turns
     the cluster's beat off or explicitly allows a standalone beat."""
     app = getattr(sender, "app", None)
-    if isinstance(sender, LeaderBeat) or not getattr(app, "_celery_cluster_installed", False):
+    if app is None or isinstance(sender, LeaderBeat) or not getattr(app, "_celery_cluster_installed", False):
         return
     if not app_flag(app.conf, "beat", True) or app_flag(app.conf, "allow_standalone_beat", False):
         return
@@ -175,7 +175,7 @@ class ClusterStep(bootsteps.StartStopStep):
         except ClusterError as exc:
             raise ClusterMisconfigured(f"celery-cluster: {exc}") from None
         self.enabled = self.settings is not None
-        if not self.enabled:
+        if self.settings is None:
             log.info("[cluster] no --cluster-nodes configured: leader election is off for this worker")
             return
         routed = _routed_leader_queue(self.app)
@@ -243,6 +243,7 @@ class ClusterStep(bootsteps.StartStopStep):
             timing=self.settings.timing,
             state_dir=state_dir,
             secret_file=self.settings.secret_file,
+            tls=self.settings.tls,
             clock=self.clock,
         )
         cluster.status_extras = self._status_extras
@@ -318,7 +319,7 @@ class ClusterStep(bootsteps.StartStopStep):
             signal, term = item
             try:
                 signal.send(sender=self.worker.hostname, term=term)
-            except Exception:  # noqa: BLE001 - Celery's Signal.send already logs receiver errors
+            except Exception:
                 log.exception("[cluster] error sending %s", signal.name)
 
     def _stop_beat(self) -> None:

@@ -24,8 +24,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from celery_cluster.election import (
     Committed,
@@ -57,7 +58,7 @@ class FixedTimeout(random.Random):
         super().__init__(0)
         self.value = value
 
-    def uniform(self, a: float, b: float) -> float:  # noqa: ARG002 - fixed on purpose
+    def uniform(self, a: float, b: float) -> float:
         return self.value
 
 

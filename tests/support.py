@@ -206,10 +206,15 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child before ex
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def scrape(address: str, accept: str | None = None) -> tuple[str, Samples]:
-    """(content type, {(sample name, labels): value}) of a node's /cluster/metrics."""
+def scrape(address: str, accept: str | None = None, context: Any = None) -> tuple[str, Samples]:
+    """(content type, {(sample name, labels): value}) of a node's /cluster/metrics (over TLS
+    with ``context``, an ``ssl.SSLContext``)."""
     host, _, port = address.rpartition(":")
-    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=2)
+    if context is not None:
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(host.strip("[]"), int(port), timeout=2,
+                                                                       context=context)
+    else:
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=2)
     try:
         conn.request("GET", "/cluster/metrics", headers={"Accept": accept} if accept else {})
         resp = conn.getresponse()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from celery import Celery

@@ -31,8 +31,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import ImproperlyConfigured
 
-from celery_cluster import LeaderOnlyTask, fencing_token, install, leader_only
-from celery_cluster import leader_state, signals
+from celery_cluster import LeaderOnlyTask, fencing_token, install, leader_only, leader_state, signals
 from celery_cluster.errors import ConfigurationError
 from celery_cluster.settings import DEFAULT_LEADER_QUEUE, leader_queue, resolve
 from tests import support

@@ -652,7 +652,8 @@ def test_leader_only_under_prefork_spawn(clusters: Any) -> None:
     assert {r["token"] for r in runs if r["i"] >= 100} == {new_term} and new_term > term
 
 
-def _run_beat(tmp: Path, env: dict[str, str], until: str | None = None, timeout: float = 60.0) -> tuple[int | None, str]:
+def _run_beat(tmp: Path, env: dict[str, str], until: str | None = None,
+              timeout: float = 60.0) -> tuple[int | None, str]:
     """``celery -A tests.celery_app beat``: until it exits, or until ``until`` shows in its output."""
     cmd = [*celery_cli(), "-A", "tests.celery_app", "beat", "-l", "info", "-s", str(tmp / "beat-schedule")]
     log = tmp / "beat.log"

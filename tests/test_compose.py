@@ -24,7 +24,7 @@ def test_three_workers_form_one_valid_cluster() -> None:
     workers = {name: s for name, s in services.items() if name.startswith("node")}
     assert len(workers) == 3
     advertised = []
-    for name, svc in workers.items():
+    for svc in workers.values():
         env = {k: str(v) for k, v in svc["environment"].items()}
         cmd = svc["command"]
         assert cmd[:4] == ["celery", "-A", "examples.basic.app", "worker"]

@@ -210,7 +210,7 @@ def test_django_celery_beat_semantics_and_admin_changes_survive_a_failover(proje
     through the ORM while the cluster runs - and all of it still holds after the leader is
     killed (django-celery-beat's own logic decides; the cluster only replicates what fired)."""
     p = project
-    p.manage("shell", code="""
+    out = p.manage("shell", code="""
         import datetime
         from django.utils import timezone
         from django_celery_beat.models import ClockedSchedule, IntervalSchedule, PeriodicTask
@@ -227,8 +227,11 @@ def test_django_celery_beat_semantics_and_admin_changes_survive_a_failover(proje
         add("to-disable")
         clocked = ClockedSchedule.objects.create(clocked_time=now + datetime.timedelta(seconds=12))
         add("clocked", interval=None, clocked=clocked, one_off=True)
+        print("created at", now.timestamp())
     """)
-    created = time.time()
+    # The instant every relative time above was computed from (not when the shell exited:
+    # Django's start-up and teardown take a second or so on a loaded machine).
+    created = float(out.split("created at", 1)[1].split()[0])
     for name in p.names:
         p.start(name)
     leader, term = poll(p.leader, 60, "one leader running the DatabaseScheduler", 0.05)

@@ -52,8 +52,8 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, event, given, note, settings
-from hypothesis.errors import InvalidArgument
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
 from celery_cluster import Cluster
 from celery_cluster.http_server import MAX_BODY
@@ -326,7 +326,7 @@ class _Reader:
                                     line + self.buf)
             reply.body, self.buf = self.buf[:need], self.buf[need:]
             return reply
-        except socket.timeout:
+        except TimeoutError:
             return NoAnswer(f"nothing for {IO_TIMEOUT} s (the server hangs)", start + self.buf)
 
     def closed_after(self) -> bool:
@@ -338,7 +338,7 @@ class _Reader:
                 if not self._fill():
                     return True
             return False
-        except socket.timeout:
+        except TimeoutError:
             return False
 
 
@@ -378,7 +378,7 @@ def exchange_http_client(port: int, method: str, target: str, headers: list[tupl
             resp = conn.getresponse()
         except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected) as exc:
             return NoAnswer(f"http.client: {exc!r}")
-        except socket.timeout:
+        except TimeoutError:
             return NoAnswer(f"nothing for {IO_TIMEOUT} s (the server hangs)")
         data = resp.read()
         reply = Reply(resp.status, resp.reason, [(k.lower(), v) for k, v in resp.getheaders()], data)

@@ -6,8 +6,8 @@ import itertools
 import multiprocessing
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

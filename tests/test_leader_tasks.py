@@ -9,8 +9,7 @@ import pytest
 from celery import Celery
 from celery.exceptions import Ignore, Reject
 
-from celery_cluster import LeaderOnlyTask, fencing_token, install, leader_only
-from celery_cluster import leader_state
+from celery_cluster import LeaderOnlyTask, fencing_token, install, leader_only, leader_state
 from celery_cluster.clock import lease_clock
 from celery_cluster.leader_tasks import LeaderQueueRouter, is_leader_only
 

@@ -163,7 +163,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_saturated_leader_keeps_heartbeats_fresh(clusters: Any, pool: str) -> None:  # noqa: F811
+def test_saturated_leader_keeps_heartbeats_fresh(clusters: Any, pool: str) -> None:
     import redis
 
     c: Cluster = clusters("redis", concurrency=CORES)

@@ -574,7 +574,8 @@ def test_careless_settings_exit_2_naming_what_to_change(harness: Harness) -> Non
                                env=harness.env, timeout=30, preexec_fn=die_with_parent)
             lines = p.stderr.decode(errors="replace").splitlines()
             assert p.returncode == 2, (name, p.returncode, lines)
-            assert len(lines) == 1 and lines[0].startswith("celery-cluster: error:") and reason in lines[0], (name, lines)
+            assert len(lines) == 1 and lines[0].startswith("celery-cluster: error:") and reason in lines[0], \
+                (name, lines)
     finally:
         held.close()
     assert not list(harness.tmp.rglob("state.json"))

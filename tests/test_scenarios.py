@@ -74,8 +74,7 @@ from typing import Any
 import pytest
 
 from celery_cluster import messages
-from celery_cluster.election import (Committed, Election, LeaseAcquired, Role, RoleChanged, SteppedDown,
-                                     VoteRefused)
+from celery_cluster.election import Committed, Election, LeaseAcquired, Role, RoleChanged, SteppedDown, VoteRefused
 from tests.simnet import FailStop, FixedTimeout, Sim, propose_next
 
 DATA = Path(__file__).parent / "testdata"
@@ -234,7 +233,7 @@ class Scenario:
         text = " ".join(args[args.index("fails") + 1:])
         try:
             fn()
-        except Exception as e:  # noqa: BLE001 - we compare the text
+        except Exception as e:
             got = f"{type(e).__name__}: {e}"
             if text.lower() not in got.lower():
                 raise Failed(f"failed with {got!r}, which does not mention {text!r}") from e
@@ -561,7 +560,7 @@ class Scenario:
                 if handler is None:
                     raise Failed(f"unknown command {cmd!r}")
                 handler(args)
-            except Exception as e:  # noqa: BLE001 - every failure gets the file and line
+            except Exception as e:
                 state = f"\n{self.status()}" if self.sim is not None else ""
                 raise ScenarioError(f"{path.name}:{lineno}: {raw.strip()}\n  {type(e).__name__}: {e}{state}") from e
 

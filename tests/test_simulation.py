@@ -25,7 +25,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from celery_cluster.election import SteppedDown
-
 from tests.simnet import Sim, propose_next
 
 EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "1000"))

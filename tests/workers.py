@@ -468,7 +468,7 @@ class Cluster:
         term = st["term"]
         if term < min_term:
             return None
-        for n, s in sts.items():
+        for _, s in sts.items():
             if s is None or s.get("term") != term or s.get("leader_id") != st["id"]:
                 return None
         return self.workers[name], term

@@ -47,10 +47,9 @@ from typing import Any
 
 from celery import Celery, signals
 
-from celery_cluster import fencing_token, install, leader_only
-from celery_cluster import leader_state
-from celery_cluster.clock import lease_clock
+from celery_cluster import fencing_token, install, leader_only, leader_state
 from celery_cluster import signals as cluster_signals
+from celery_cluster.clock import lease_clock
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/15"
 

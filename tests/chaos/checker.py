@@ -47,7 +47,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter, defaultdict
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 PLANNED = {"transfer", "shutdown"}  # step-down reasons that hand over on purpose
 #: Seconds from a leader-only task's publish to a kill -9 of the leader within which the
@@ -108,7 +109,7 @@ def check(transitions: list[dict[str, Any]], actions: list[dict[str, Any]], *,
           ended: dict[tuple[str, int], float] | None = None, lead_sent: Iterable[int] = (),
           liveness: Iterable[tuple[float, float | None]] = (), liveness_bound: float = 3.0,
           expect_beat: bool = False, lead_sent_at: dict[int, float] | None = None,
-          delivered: Iterable[int] = (), kills: Iterable[tuple[str, float]] = ()) -> Verdict:
+          delivered: Iterable[int] = (), kills: Iterable[tuple[str, float, float]] = ()) -> Verdict:
     ended = ended or {}
     violations: list[str] = []
     intervals = leadership_intervals(transitions, actions, ended)
@@ -214,10 +215,11 @@ def check(transitions: list[dict[str, Any]], actions: list[dict[str, Any]], *,
     return Verdict(violations, figures)
 
 
-def _lost_in_transport(i: int, sent_at: dict[int, float], delivered: set[int], kills: list[tuple[str, float]],
-                       intervals: list[Interval]) -> bool:
+def _lost_in_transport(i: int, sent_at: dict[int, float], delivered: set[int],
+                       kills: list[tuple[str, float, float]], intervals: list[Interval]) -> bool:
     """Task ``i`` never reached a worker, and the node leading when it was sent (so consuming
-    the leader queue) was killed within :data:`TRANSPORT_WINDOW` after."""
+    the leader queue) was killed within :data:`TRANSPORT_WINDOW` after. A kill is known to
+    have happened between its fault's start and end (``(node, start, end)``)."""
     if i in delivered or i not in sent_at:
         return False
     sent = sent_at[i]
@@ -227,7 +229,7 @@ def _lost_in_transport(i: int, sent_at: dict[int, float], delivered: set[int], k
     if not elected:
         return False
     leader = max(elected, key=lambda iv: iv.start).node
-    return any(node == leader and 0 <= killed - sent <= TRANSPORT_WINDOW for node, killed in kills)
+    return any(node == leader and start <= sent + TRANSPORT_WINDOW and sent <= end for node, start, end in kills)
 
 
 def max_failover(intervals: list[Interval]) -> float:

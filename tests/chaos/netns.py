@@ -55,7 +55,7 @@ _NAME_RE = re.compile(rf"^{re.escape(PREFIX)}(\d+)x([0-9a-f]+)-(?:sw|h\d+)$")
 
 Drop = Literal["route", "silent"]
 
-_live: set["Topology"] = set()  # for the atexit fallback
+_live: set[Topology] = set()  # for the atexit fallback
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -371,7 +371,7 @@ class Topology:
             _forget_run(self.run_id)
             _live.discard(self)
 
-    def __enter__(self) -> "Topology":
+    def __enter__(self) -> Topology:
         return self
 
     def __exit__(self, *exc: object) -> None:

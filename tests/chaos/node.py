@@ -22,7 +22,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 from celery_cluster import Cluster
 from celery_cluster.cli import EXIT_STATE_NOT_DURABLE, JsonTransitionFormatter

@@ -136,7 +136,7 @@ class _Half:
 class _Side(asyncio.Protocol):
     """Protocol for one socket: what it reads goes into ``out``; ``inbound`` writes into it."""
 
-    def __init__(self, conn: "_Conn", out: _Half, inbound: _Half,
+    def __init__(self, conn: _Conn, out: _Half, inbound: _Half,
                  on_made: Callable[[asyncio.Transport], None] | None = None) -> None:
         self.conn = conn
         self.out = out
@@ -173,7 +173,7 @@ class _Side(asyncio.Protocol):
 class _Conn:
     """A client connection and its upstream; closed when both directions saw EOF or one died."""
 
-    def __init__(self, proxy: "Proxy") -> None:
+    def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         loop = asyncio.get_running_loop()
         self.up = _Half(loop, proxy.settings, self.maybe_close)    # client -> target
@@ -262,7 +262,7 @@ class Proxy:
                 reply = {"ok": False, "error": str(e)}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
-        except (asyncio.TimeoutError, OSError):
+        except (TimeoutError, OSError):
             pass
         finally:
             writer.close()
@@ -327,7 +327,7 @@ class ProxyControl:
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"proxy exited with {proc.returncode}") from None
                 if time.monotonic() >= deadline:
-                    raise TimeoutError(f"proxy at {self.path} not ready within {timeout} s")
+                    raise TimeoutError(f"proxy at {self.path} not ready within {timeout} s") from None
                 time.sleep(0.01)
 
 

@@ -263,9 +263,10 @@ class ChaosRun:
     def fault_kill(self) -> dict[str, Any]:
         m = self.victim()
         self.kill(m)
+        killed = lease_clock()  # the SIGKILL landed between the fault's start and this
         self.wait(self.rng.uniform(0.3, 2.0))
         self.start(m)
-        return {"node": m.name}
+        return {"node": m.name, "killed": killed}
 
     def fault_pause(self) -> dict[str, Any]:
         m = self.victim()
@@ -423,7 +424,7 @@ class ChaosRun:
                 self.kill(m)
         transitions, actions = self.history()
         delivered = {r["i"] for r in self._records() if r.get("kind") == "delivery"}
-        kills = [(f["node"], f["start"]) for f in self.faults if f["kind"] == "kill"]
+        kills = [(f["node"], f["start"], f.get("killed", f["healed"])) for f in self.faults if f["kind"] == "kill"]
         verdict = check(transitions, actions, ended=self.ended, lead_sent=sent, liveness=self.liveness,
                         liveness_bound=LIVENESS_BOUND, expect_beat=self.mode == "worker",
                         lead_sent_at=sent_at, delivered=delivered, kills=kills)
@@ -441,7 +442,8 @@ class ChaosRun:
             "mode": self.mode, "nodes": self.n, "seconds": self.seconds, "seed": self.seed,
             "faults": self.faults, "liveness": self.liveness, "figures": verdict.figures,
             "violations": verdict.violations, "transitions": transitions, "actions": actions,
-            "ended": [[k[0], k[1], v] for k, v in self.ended.items()], "lead_sent": sent}, indent=1))
+            "ended": [[k[0], k[1], v] for k, v in self.ended.items()], "lead_sent": sent,
+            "lead_sent_at": sent_at}, indent=1))
         return verdict
 
     def _lead_done(self) -> set[int]:

@@ -40,4 +40,5 @@ def test_chaos(mode: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFacto
         f.write(line + "\n")
     assert verdict.ok, "\n".join([line, *verdict.violations[:30],
                                   f"replay: CHAOS_SEED={seed} CHAOS_SECONDS={SECONDS:g} CHAOS_NODES={NODES} "
-                                  f".venv/bin/python -m pytest -s tests/chaos/test_chaos.py -k {mode}; history: {tmp_path / mode / 'history.json'}"])
+                                  f".venv/bin/python -m pytest -s tests/chaos/test_chaos.py -k {mode}; "
+                                  f"history: {tmp_path / mode / 'history.json'}"])

@@ -109,7 +109,7 @@ def test_a_task_lost_inside_the_redis_transport_is_told_apart() -> None:
     transport's BRPOP window, counted. Anything else that never ran stays a violation."""
     t = [leader("a", 1, 1.0)]  # a leads from 1.0 until it is killed (ended below)
     ran = [act("a", 1, 1.1, 1.5, "lead", i=1)]
-    kw: dict[str, Any] = {"ended": {("a", 0): 2.2}, "lead_sent": [1, 2], "kills": [("a", 2.2)]}
+    kw: dict[str, Any] = {"ended": {("a", 0): 2.2}, "lead_sent": [1, 2], "kills": [("a", 2.15, 2.3)]}
     v = check(t, ran, lead_sent_at={1: 1.05, 2: 2.0}, **kw)
     assert v.ok, v.violations
     assert v.figures["lead_lost_to_transport"] == 1
@@ -120,7 +120,10 @@ def test_a_task_lost_inside_the_redis_transport_is_told_apart() -> None:
     v = check(t, ran, lead_sent_at={1: 1.05, 2: 1.1}, **kw)
     assert any("never ran: [2]" in x for x in v.violations)
     # The killed node was not the leader: a real loss.
-    v = check(t, ran, lead_sent_at={1: 1.05, 2: 2.0}, **{**kw, "kills": [("b", 2.2)]})
+    v = check(t, ran, lead_sent_at={1: 1.05, 2: 2.0}, **{**kw, "kills": [("b", 2.15, 2.3)]})
+    assert any("never ran: [2]" in x for x in v.violations)
+    # Sent after the kill was over: a real loss.
+    v = check(t, ran, lead_sent_at={1: 1.05, 2: 2.4}, **kw)
     assert any("never ran: [2]" in x for x in v.violations)
 
 
