@@ -18,7 +18,9 @@ alone cost more than a whole loopback round trip here (``bench/failover.py``).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -39,6 +41,10 @@ log = logging.getLogger("celery_cluster.http")
 _refusals = LogLimiter(log)
 #: A refusal older than this no longer shows in status (the peer has accepted since, or is gone).
 REFUSAL_SHOWN_FOR = 30.0
+
+#: Seconds a resolved peer hostname is reused before it is looked up again (containers and
+#: pods get new addresses when they are replaced).
+DNS_TTL = 5.0
 
 BASE_PATH = "/cluster"
 _MAX_RESPONSE = 1 << 20
@@ -90,13 +96,22 @@ def parse_response(buf: bytes) -> tuple[int, bytes, bool, int] | None:
 
 
 def error_kind(exc: BaseException) -> str:
-    """How a request failed, for metrics: ``timeout``, ``refused`` (nothing listens there)
-    or ``connection`` (reset, closed, unreachable, a garbled response...)."""
+    """How a request failed, for metrics: ``timeout``, ``dns`` (the name did not resolve),
+    ``refused`` (nothing listens there) or ``connection`` (reset, closed, unreachable, a
+    garbled response...)."""
     if isinstance(exc, TimeoutError):
         return "timeout"
+    if isinstance(exc, socket.gaierror):
+        return "dns"
     if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
         return "refused"
     return "connection"
+
+
+def _resolve(sockaddr: tuple[str, int]) -> tuple[int, tuple[str, int]]:
+    """(family, address) of a ``(hostname, port)``: the first the resolver gives."""
+    family, _, _, _, address = socket.getaddrinfo(sockaddr[0], sockaddr[1], type=socket.SOCK_STREAM)[0]
+    return family, (str(address[0]), int(address[1]))
 
 
 class _Peer:
@@ -106,6 +121,14 @@ class _Peer:
         self.address = address
         host, _, port = address.rpartition(":")
         self.sockaddr = (host.strip("[]"), int(port))
+        try:
+            ipaddress.ip_address(self.sockaddr[0])
+            self.literal = True
+        except ValueError:
+            self.literal = False  # a hostname: resolved off the I/O thread (see _connect)
+        self.resolving: concurrent.futures.Future[tuple[int, tuple[str, int]]] | None = None
+        self.resolved: tuple[int, tuple[str, int]] | None = None  # (family, sockaddr)
+        self.resolved_at = -DNS_TTL
         self.queue: collections.deque[Message] = collections.deque()
         self.sock: socket.socket | None = None
         self.connected = False
@@ -157,6 +180,11 @@ class PeerClient:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread: threading.Thread | None = None
+        # Name lookups block (for seconds when a name's container is gone and the resolver
+        # forwards upstream): never on the I/O thread, which serves every peer. One lookup
+        # per peer at a time.
+        self._resolver = concurrent.futures.ThreadPoolExecutor(max(1, len(peers)),
+                                                               thread_name_prefix="celery-cluster-resolve")
 
     # -- Transport ---------------------------------------------------------------
 
@@ -189,6 +217,7 @@ class PeerClient:
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(1.0)
+        self._resolver.shutdown(wait=False, cancel_futures=True)
 
     def refusals(self) -> dict[str, dict[str, object] | None]:
         """Per peer: its last refusal of our requests (HTTP status and error) if it was
@@ -241,6 +270,7 @@ class PeerClient:
                         self._drain_wakeups()
                     else:
                         self._on_ready(key.data, events)
+                self._resolved()
                 self._expire(time.monotonic())
         finally:
             for peer in self._peers.values():
@@ -277,11 +307,40 @@ class PeerClient:
             self._write(peer)
 
     def _connect(self, peer: _Peer) -> None:
+        if peer.literal:
+            family = socket.AF_INET6 if ":" in peer.sockaddr[0] else socket.AF_INET
+            self._connect_to(peer, family, peer.sockaddr)
+        elif peer.resolved is not None and time.monotonic() - peer.resolved_at < DNS_TTL:
+            self._connect_to(peer, *peer.resolved)
+        elif peer.resolving is None:
+            peer.resolving = self._resolver.submit(_resolve, peer.sockaddr)
+            peer.resolving.add_done_callback(lambda _: self._wake())
+        # else: a lookup for this peer is still running; the request waits for it or its deadline
+
+    def _resolved(self) -> None:
+        """Continue the requests whose peer's name lookup finished (I/O thread)."""
+        for peer in self._peers.values():
+            future = peer.resolving
+            if future is None or not future.done():
+                continue
+            peer.resolving = None
+            try:
+                peer.resolved = future.result()
+                peer.resolved_at = time.monotonic()
+            except OSError as exc:
+                peer.resolved = None
+                if peer.in_flight is not None and peer.sock is None:
+                    self._fail(peer, exc)
+                continue
+            if peer.in_flight is not None and peer.sock is None:
+                self._connect_to(peer, *peer.resolved)
+
+    def _connect_to(self, peer: _Peer, family: int, sockaddr: tuple[str, int]) -> None:
         try:
-            sock = socket.socket(socket.AF_INET6 if ":" in peer.sockaddr[0] else socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex(peer.sockaddr)
+            err = sock.connect_ex(sockaddr)
         except OSError as exc:
             self._fail(peer, exc)
             return
@@ -432,6 +491,8 @@ class PeerClient:
     def _fail(self, peer: _Peer, exc: BaseException, counted: bool = False) -> None:
         # Peers come and go; Raft retries by design. Drop the request and the connection.
         if peer.in_flight is not None:
+            if not peer.literal:
+                peer.resolved = None  # the name may point elsewhere now (a replaced container): look again
             if not counted:
                 peer.stats.errors.inc(error_kind(exc))
             log.debug("[cluster] %s to %s failed: %s", type(peer.in_flight).__name__, peer.address, exc)

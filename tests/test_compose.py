@@ -1,4 +1,4 @@
-"""docker-compose.yml is for users (no Docker engine here): validate it instead of running it."""
+"""docker-compose.yml and the Dockerfile, checked statically (tests/test_containers.py runs them)."""
 
 from __future__ import annotations
 
@@ -45,5 +45,7 @@ def test_three_workers_form_one_valid_cluster() -> None:
 
 def test_dockerfile_installs_the_package_and_the_example() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    assert "COPY celery_cluster" in text and "COPY examples" in text and "pip install" in text
+    assert "COPY . /src" in text and "/src/examples /app/examples" in text and '"celery[redis]"' in text
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "celery_cluster" not in ignored and "examples" not in ignored and ".venv" in ignored
     assert (ROOT / "examples" / "basic" / "app.py").exists()

@@ -14,6 +14,7 @@ from celery import Celery
 from celery_cluster import fencing_token, install, leader_only
 
 DEMO_DIR = Path(os.environ.get("DEMO_DIR", "/tmp/celery-cluster-demo"))
+DEMO_DIR.mkdir(parents=True, exist_ok=True)  # the records file lives here, whatever the broker
 BROKER_URL = os.environ.get("BROKER_URL") or "filesystem://"
 
 app = Celery("demo", broker=BROKER_URL)

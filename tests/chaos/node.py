@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 
-from celery_cluster import Cluster
+from celery_cluster import Cluster, ClusterError
 from celery_cluster.cli import EXIT_STATE_NOT_DURABLE, JsonTransitionFormatter
 from celery_cluster.clock import lease_clock
 
@@ -81,10 +81,14 @@ def main() -> None:
     logging.getLogger().setLevel(logging.INFO)
 
     clock, sink, stop = JumpClock(), LatestLease(), threading.Event()
-    cluster = Cluster(args.nodes, listen=args.listen, advertise=args.advertise,
-                      election_timeout=args.election_timeout, heartbeat_interval=args.heartbeat_interval,
-                      state_dir=args.state_dir, secret_file=args.secret_file, lease_sink=sink, clock=clock,
-                      on_failure=lambda exc: stop.set())
+    try:  # as `celery-cluster node` does: a state directory it cannot write refuses the start
+        cluster = Cluster(args.nodes, listen=args.listen, advertise=args.advertise,
+                          election_timeout=args.election_timeout, heartbeat_interval=args.heartbeat_interval,
+                          state_dir=args.state_dir, secret_file=args.secret_file, lease_sink=sink, clock=clock,
+                          on_failure=lambda exc: stop.set())
+    except ClusterError as exc:
+        print(f"celery-cluster: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
     def jump(*_: object) -> None:
         clock.offset += args.jump

@@ -356,7 +356,11 @@ class ChaosRun:
             if self.mode == "standalone" and not m.alive:
                 rc = m.proc.returncode  # type: ignore[union-attr]
                 outcome = f"exit {rc}"
-                if rc != 3:
+                err = (self.out / f"{m.name}.{len(m.runs) - 1}.err").read_text(errors="replace")
+                # 3: it was running and fail-stopped; 2: it was (re)starting and refused the
+                # full state directory at start, with one line naming it.
+                refused_at_start = rc == 2 and "cannot use state directory" in err
+                if rc != 3 and not refused_at_start:
                     self.problems.append(f"{m.name} with a full disk exited {rc}, not 3 (fail-stop)")
                 break
             st = self.statuses().get(m.address) if m.alive else None
