@@ -22,6 +22,7 @@ a 5xx; every other answer, refusals included, keeps it open.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import socket
@@ -54,7 +55,8 @@ _refusals = LogLimiter(log)
 MAX_BODY = MAX_PAYLOAD_LEN + 64 * 1024
 
 _RPC_PREFIX = "/cluster/"
-#: WSGI environ key: None on a plain connection, else whether the TLS client showed a certificate.
+#: WSGI environ key: None on a plain connection; with TLS, the names (DNS and IP subject
+#: alternative names) in the client's certificate - empty when it showed none.
 CLIENT_CERT_ENVIRON = "celery_cluster.client_cert"
 _MAX_HEADERS = 100
 _MAX_HEADER_LINE = 8192
@@ -99,9 +101,39 @@ def closes_connection(status: int, rejected: _Reject | None = None) -> bool:
     return (rejected is not None and rejected.framing) or status >= 500
 
 
-def require_client_cert(client_cert: bool | None) -> None:
-    if client_cert is False:
+ClientCert = frozenset[str] | None
+
+
+def require_client_cert(client_cert: ClientCert) -> None:
+    if client_cert is not None and not client_cert:
         raise _Reject(401, "a client certificate signed by the cluster's CA is required")
+
+
+def certificate_names(cert: dict[str, Any]) -> frozenset[str]:
+    """The DNS names (lowercased) and IP addresses (canonical) a certificate is for."""
+    names = set()
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "DNS":
+            names.add(value.lower())
+        elif kind == "IP Address":
+            try:
+                names.add(ipaddress.ip_address(value.strip()).compressed)
+            except ValueError:
+                pass
+    if not names:  # a certificate without subject alternative names: its common name, else nothing
+        for rdn in cert.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    names.add(value.lower())
+    return frozenset(names or {""})  # non-empty: "a certificate was shown", even naming nothing
+
+
+def _sender_host(sender: str) -> str:
+    host = sender.rpartition(":")[0].strip("[]").lower()
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host
 
 
 def _error(status: int, message: str) -> Response:
@@ -121,10 +153,12 @@ class RpcEndpoint:
         self.signer = signer
 
     def __call__(self, name: str, method: str, path: str, headers: Any, body: bytes,
-                 remote: str | None, client_cert: bool | None = None) -> tuple[int, bytes]:
+                 remote: str | None, client_cert: ClientCert = None) -> tuple[int, bytes]:
         """Returns (HTTP status, JSON body); every refusal happens before the node sees anything.
-        ``client_cert``: None on a plain connection, else whether the TLS client presented a
-        certificate (verified against the CA by the handshake) - required for RPCs."""
+        ``client_cert``: None on a plain connection, else the names in the TLS client's
+        certificate (verified against the CA by the handshake): one is required for RPCs,
+        and it must name the sender the message claims - a member's certificate cannot
+        speak for another member."""
         cls, prevote = _RPC[name]
         try:
             require_client_cert(client_cert)
@@ -141,6 +175,8 @@ class RpcEndpoint:
                 raise _Reject(401, f"signed by {signed_by} but sent as {msg.sender}")
             if msg.sender not in self.node.members or msg.sender == self.node.id:
                 raise _Reject(403, f"{msg.sender} is not a peer of {self.node.id}")
+            if client_cert and _sender_host(msg.sender) not in client_cert:
+                raise _Reject(403, f"the client certificate does not name {msg.sender}")
         except _Reject as rej:
             # Name the peer by the node address it claims (unverified: it is what an operator
             # recognises), and say it once, then every 30 s with a count - not per heartbeat.
@@ -290,7 +326,7 @@ class _KeepAliveHandler(WSGIRequestHandler):
     timeout = 60  # idle keep-alive connections close eventually
 
     #: None on a plain connection; with TLS, whether the client presented a certificate.
-    client_cert: bool | None = None
+    client_cert: ClientCert = None
     _tls_failed = False
 
     def setup(self) -> None:
@@ -304,7 +340,8 @@ class _KeepAliveHandler(WSGIRequestHandler):
             self.request = tls
             try:
                 tls.do_handshake()
-                self.client_cert = bool(tls.getpeercert())
+                peer = tls.getpeercert()
+                self.client_cert = certificate_names(peer) if peer else frozenset()
             except (ssl.SSLError, OSError) as exc:
                 self._tls_failed = True
                 _refusals.warning((self.client_address[0], "tls"), "[cluster] TLS handshake with %s failed: %s",

@@ -152,11 +152,14 @@ def start_with_leader_only_work(c: Cluster, n: int, sleep: float, running: int) 
 
 
 def beat_view(c: Cluster, expect: int) -> dict[str, dict[str, Any]] | None:
-    """``inspect cluster_status`` once every live worker answers and exactly one runs beat."""
+    """``inspect cluster_status`` once every live worker answers, exactly one runs beat, and
+    it has also started consuming the leader queue (which the step asks the consumer's
+    event loop to do, a moment after beat starts: the settled state, not the way there)."""
     view = c.inspect_cluster_status()
     if len(view) != expect:
         return None
-    if sum(bool(v.get("beat_running")) for v in view.values()) != 1:
+    running = [v for v in view.values() if v.get("beat_running")]
+    if len(running) != 1 or not running[0].get("leader_queue_consumed"):
         return None
     return view
 

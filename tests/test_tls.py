@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -124,8 +125,10 @@ def test_a_member_with_another_cas_certificate_is_shut_out(clusters: Any, pki: d
     assert not stranger.is_leader() and stranger.status()["leader_id"] is None
 
 
-def test_a_certificate_for_another_host_is_refused_by_the_client(clusters: Any, pki: dict[str, Cert]) -> None:
-    """The client checks the certificate names the address it dialled, not only its CA."""
+def test_a_certificate_for_another_host_is_refused_both_ways(clusters: Any, pki: dict[str, Cert]) -> None:
+    """A certificate of our CA that does not name the member's address: as a server, the
+    client refuses it (hostname check); as a client, its RPCs are refused (403: the
+    certificate must name the sender the message claims). It can neither lead nor vote."""
     nodes = addresses(3)
     good = [clusters(nodes, me, pki["member"]) for me in nodes[:2]]
     impostor = clusters(nodes, nodes[2], pki["wrong-host"])
@@ -134,12 +137,22 @@ def test_a_certificate_for_another_host_is_refused_by_the_client(clusters: Any, 
     leader = wait_for(lambda: the_leader(good), "a leader among the two well-named members")
     wait_for(lambda: total(scrape_tls(leader.id, pki["member"])[1], "celery_cluster_peer_request_errors_total",
                            peer=impostor.id, kind="tls") >= 1, "the leader to refuse the impostor's certificate")
+    wait_for(lambda: total(scrape_tls(impostor.id, pki["member"], check_hostname=False)[1],
+                           "celery_cluster_peer_request_errors_total",
+                           kind="auth") >= 2, "the members to refuse the impostor's requests")
+    assert not impostor.is_leader() and impostor.status()["leader_id"] is None
     assert not any(p["address"] == impostor.id and p["heartbeat_rtt"]["samples"]
                    for p in leader.status()["nodes"])
+    # Its refused requests changed nothing: the leader still leads in the term it won.
+    term = leader.status()["term"]
+    time.sleep(1.5)  # observation window: several of the impostor's election timeouts
+    assert the_leader(good) is leader and leader.status()["term"] == term
 
 
-def scrape_tls(address: str, cert: Cert) -> tuple[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+def scrape_tls(address: str, cert: Cert, check_hostname: bool = True) -> tuple[
+        str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
     ctx = ssl.create_default_context(cafile=str(cert.ca))
+    ctx.check_hostname = check_hostname
     ctx.load_cert_chain(str(cert.cert), str(cert.key))
     return scrape(address, context=ctx)
 
