@@ -545,5 +545,16 @@ def test_a_state_directory_of_an_earlier_release_is_kept(monkeypatch: pytest.Mon
     earlier = tmp_path / "celery-cluster" / "127.0.0.1_8899"
     earlier.mkdir(parents=True)
     (earlier / "state.json").write_text("{}")
-    assert default_state_dir("127.0.0.1:8899", "node") == earlier  # its term and vote are not dropped
+    # Captured on the logger itself: a Celery worker set up earlier in the session (the
+    # celery.contrib.pytest fixtures) may have disabled or re-levelled existing loggers.
+    logger = logging.getLogger("celery_cluster")
+    saved = logger.disabled, logger.level
+    logger.disabled = False
+    logger.setLevel(logging.WARNING)
+    logger.addHandler(caplog.handler)
+    try:
+        assert default_state_dir("127.0.0.1:8899", "node") == earlier  # its term and vote are not dropped
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.disabled, logger.level = saved
     assert "an earlier release made" in caplog.text
