@@ -17,6 +17,7 @@ is stopped: the daemon by its pid.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 CACHE = Path(os.environ.get("CC_DOCKER_CACHE", "/var/tmp/celery-cluster-docker"))
 BASE_IMAGE = "celery-cluster-test/bookworm:minbase"
@@ -50,6 +52,10 @@ class Engine:
 
     def start(self, timeout: float = 60.0) -> None:
         (CACHE / "data").mkdir(parents=True, exist_ok=True)
+        # One engine at a time on the cached data root (two test sessions on one machine
+        # would share it): the second waits for the first to stop.
+        self._lock: Any = open(CACHE / "engine.lock", "w")  # held until stop()
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 ["dockerd", "--iptables=false", "--data-root", str(CACHE / "data"),
@@ -74,6 +80,10 @@ class Engine:
                 self.proc.kill()
                 self.proc.wait(10)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()  # releases the flock
+            self._lock = None
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -166,12 +176,12 @@ class Engine:
             raise RuntimeError(f"docker import {name}: {out.stderr.decode(errors='replace')}")
 
 
-def build_wheels(repo: Path, into: Path) -> None:
+def build_wheels(repo: Path, into: Path, extra: tuple[str, ...] = ()) -> None:
     """The project and everything ``celery[redis]`` needs, as wheels (the containers have no
     package index). Debian bookworm's Python is 3.11.2: ``redis`` then wants ``async-timeout``."""
     into.mkdir(parents=True, exist_ok=True)
     for argv in ([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "-w", str(into),
-                  str(repo), "celery[redis]"],
+                  str(repo), "celery[redis]", *extra],
                  [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
                   "-d", str(into), "async-timeout>=4.0.3", "packaging"]):
         out = subprocess.run(argv, capture_output=True, text=True, timeout=600)

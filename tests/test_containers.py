@@ -13,7 +13,6 @@ base images (about two minutes); later runs reuse them (``CC_DOCKER_CACHE``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.containers import Engine, build_wheels, missing_tools
+from tests.containers import Engine, build_wheels
 from tests.support import free_ports, scrape, value
 from tests.workers import http_status, poll
 
@@ -36,29 +35,9 @@ CONTEXT_DIRS = ("celery_cluster", "examples")
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(1800)]
 
 
-def unavailable(reason: str) -> None:
-    if os.environ.get("CC_REQUIRE_DOCKER"):
-        pytest.fail(reason)
-    print(f"\nskipping: {reason}", file=sys.stderr)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Any:
-    if os.geteuid() != 0:
-        unavailable("the container test starts its own dockerd: run as root")
-    missing = missing_tools()
-    if missing:
-        unavailable(f"missing {', '.join(missing)}: apt-get install docker.io docker-compose debootstrap "
-                    "(CI installs them)")
-    e = Engine()
-    e.start()
-    try:
-        spent = e.ensure_base_images()
-        print(f"\nstand-in base images: {', '.join(f'{k} {v:.0f} s' for k, v in spent.items())}")
-        yield e
-    finally:
-        e.stop()
+@pytest.fixture
+def engine(docker_engine: Engine) -> Engine:
+    return docker_engine  # the session's private dockerd (conftest.py)
 
 
 def statuses(ports: dict[str, int]) -> dict[str, dict[str, Any] | None]:
