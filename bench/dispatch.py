@@ -31,7 +31,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     os.environ.setdefault("BENCH_QUEUE", f"bench-{os.getpid()}")
     os.environ.setdefault("CELERY_CLUSTER_LEADER_QUEUE", f"bench-leader-{os.getpid()}")
-    import dispatch_app
+    import dispatch_app  # after the environment is set
     from failover import free_ports, pct
 
     r = dispatch_app._redis

@@ -373,7 +373,7 @@ class LeaderBeat:
                 try:
                     self._run_scheduler()
                     return  # leadership over or stopping
-                except Exception as exc:
+                except Exception as exc:  # supervised: log, back off, build it again
                     if time.monotonic() - healthy_since > self.RESTART_BACKOFF[1]:
                         backoff = self.RESTART_BACKOFF[0]  # it ran well for a while: start over
                     self.last_error = f"{type(exc).__name__}: {exc}"

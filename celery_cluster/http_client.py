@@ -480,7 +480,7 @@ class PeerClient:
             return
         try:
             self.on_response(reply)
-        except Exception:
+        except Exception:  # the I/O thread must survive anything the node does
             log.exception("[cluster] error handling a reply from %s", peer.address)
 
     def _expire(self, now: float) -> None:

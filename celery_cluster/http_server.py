@@ -452,7 +452,7 @@ class _KeepAliveHandler(WSGIRequestHandler):
         except ClientDisconnected:  # the body ended before its Content-Length
             self._refuse(_Reject(400, "the body is shorter than its Content-Length", framing=True))
             return
-        except Exception:
+        except Exception:  # answer 500, keep serving
             log.exception("[cluster] error handling %s", self.path)
             result[:] = ["500 INTERNAL SERVER ERROR", [("Content-Type", "application/json")]]
             chunks = [b'{"error": "internal error"}']

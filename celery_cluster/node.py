@@ -568,7 +568,7 @@ class Node:
     def _invoke(self, fn: Callback, term: int) -> None:
         try:
             fn(term)
-        except Exception:
+        except Exception:  # a user callback must not kill the node
             self.log.exception("[cluster] %s callback failed in term %s; stepping down",
                                getattr(fn, "__name__", fn), term)
             with self._lock:

@@ -319,7 +319,7 @@ class ClusterStep(bootsteps.StartStopStep):
             signal, term = item
             try:
                 signal.send(sender=self.worker.hostname, term=term)
-            except Exception:
+            except Exception:  # Celery's Signal.send already logs receiver errors
                 log.exception("[cluster] error sending %s", signal.name)
 
     def _stop_beat(self) -> None:

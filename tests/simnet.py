@@ -58,7 +58,7 @@ class FixedTimeout(random.Random):
         super().__init__(0)
         self.value = value
 
-    def uniform(self, a: float, b: float) -> float:
+    def uniform(self, a: float, b: float) -> float:  # fixed on purpose
         return self.value
 
 

@@ -233,7 +233,7 @@ class Scenario:
         text = " ".join(args[args.index("fails") + 1:])
         try:
             fn()
-        except Exception as e:
+        except Exception as e:  # we compare the text
             got = f"{type(e).__name__}: {e}"
             if text.lower() not in got.lower():
                 raise Failed(f"failed with {got!r}, which does not mention {text!r}") from e
@@ -560,7 +560,7 @@ class Scenario:
                 if handler is None:
                     raise Failed(f"unknown command {cmd!r}")
                 handler(args)
-            except Exception as e:
+            except Exception as e:  # every failure gets the file and line
                 state = f"\n{self.status()}" if self.sim is not None else ""
                 raise ScenarioError(f"{path.name}:{lineno}: {raw.strip()}\n  {type(e).__name__}: {e}{state}") from e
 
