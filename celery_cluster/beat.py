@@ -80,26 +80,27 @@ def encode_schedule(state: ScheduleState, terms: dict[str, int] | None = None) -
     return json.dumps({"format": PAYLOAD_FORMAT, "beat": entries}, sort_keys=True, separators=(",", ":"))
 
 
-def decode_schedule(payload: str) -> ScheduleState:
-    """Replicated entry state from a payload ('' means nothing replicated yet)."""
+def decode_payload(payload: str) -> tuple[ScheduleState, dict[str, int]]:
+    """Replicated entry state from a payload ('' means nothing replicated yet), and the term
+    that last fired each entry where the payload says."""
     if not payload:
-        return {}
+        return {}, {}
     data = json.loads(payload)
     if not isinstance(data, dict) or data.get("format") != PAYLOAD_FORMAT:
         raise ValueError(f"unknown replicated beat state format: {str(data)[:80]}")
-    out = {}
+    state: ScheduleState = {}
+    terms: dict[str, int] = {}
     for name, e in data.get("beat", {}).items():
         when = datetime.datetime.fromisoformat(e["last_run_at"]) if e.get("last_run_at") else None
-        out[name] = (when, int(e.get("total_run_count", 0)))
-    return out
+        state[name] = (when, int(e.get("total_run_count", 0)))
+        if e.get("term") is not None:
+            terms[name] = int(e["term"])
+    return state, terms
 
 
-def decode_terms(payload: str) -> dict[str, int]:
-    """name -> the term that last fired it, where the payload says."""
-    if not payload:
-        return {}
-    data = json.loads(payload)
-    return {name: int(e["term"]) for name, e in data.get("beat", {}).items() if e.get("term") is not None}
+def decode_schedule(payload: str) -> ScheduleState:
+    """Replicated entry state from a payload ('' means nothing replicated yet)."""
+    return decode_payload(payload)[0]
 
 
 class ReplicatedSchedulerMixin:
@@ -119,9 +120,9 @@ class ReplicatedSchedulerMixin:
     _batch: list[tuple[Any, Any, Any]] | None = None  # (entry, reserved, producer) while tick() collects
 
     def setup_schedule(self) -> None:
-        payload = self.cluster_beat.cluster.payload[1]
-        self._state: ScheduleState = decode_schedule(payload)
-        self._terms: dict[str, int] = decode_terms(payload)
+        self._state: ScheduleState
+        self._terms: dict[str, int]
+        self._state, self._terms = decode_payload(self.cluster_beat.cluster.payload[1])
         self._reserved: dict[str, Any] = {}
         super().setup_schedule()  # type: ignore[misc]
         self._seed(self.schedule)

@@ -38,6 +38,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wsgi import LimitedStream
 
 from .auth import SENDER_HEADER, Signer
+from .config import split_host_port
 from .errors import AuthenticationError, ProtocolError, TransferError
 from .log_limit import LogLimiter
 from .messages import MAX_PAYLOAD_LEN, AppendEntries, TimeoutNow, VoteRequest, decode, encode
@@ -128,14 +129,6 @@ def certificate_names(cert: dict[str, Any]) -> frozenset[str]:
     return frozenset(names or {""})  # non-empty: "a certificate was shown", even naming nothing
 
 
-def _sender_host(sender: str) -> str:
-    host = sender.rpartition(":")[0].strip("[]").lower()
-    try:
-        return ipaddress.ip_address(host).compressed
-    except ValueError:
-        return host
-
-
 def _error(status: int, message: str) -> Response:
     return Response(json.dumps({"error": message}), status=status, mimetype="application/json")
 
@@ -175,7 +168,7 @@ class RpcEndpoint:
                 raise _Reject(401, f"signed by {signed_by} but sent as {msg.sender}")
             if msg.sender not in self.node.members or msg.sender == self.node.id:
                 raise _Reject(403, f"{msg.sender} is not a peer of {self.node.id}")
-            if client_cert and _sender_host(msg.sender) not in client_cert:
+            if client_cert and split_host_port(msg.sender)[0] not in client_cert:
                 raise _Reject(403, f"the client certificate does not name {msg.sender}")
         except _Reject as rej:
             # Name the peer by the node address it claims (unverified: it is what an operator
@@ -325,7 +318,8 @@ class _KeepAliveHandler(WSGIRequestHandler):
     disable_nagle_algorithm = True
     timeout = 60  # idle keep-alive connections close eventually
 
-    #: None on a plain connection; with TLS, whether the client presented a certificate.
+    #: None on a plain connection; with TLS, the names in the client's certificate (see
+    #: :data:`CLIENT_CERT_ENVIRON`).
     client_cert: ClientCert = None
     _tls_failed = False
 

@@ -16,7 +16,14 @@ import pytest
 from celery import Celery
 from celery.beat import PersistentScheduler, ScheduleEntry, Scheduler
 
-from celery_cluster.beat import MAX_BATCH, LeaderBeat, decode_schedule, encode_schedule, replicated_scheduler
+from celery_cluster.beat import (
+    MAX_BATCH,
+    LeaderBeat,
+    decode_payload,
+    decode_schedule,
+    encode_schedule,
+    replicated_scheduler,
+)
 from celery_cluster.config import Timing
 
 
@@ -81,6 +88,9 @@ def test_the_replicated_state_round_trips(app: Celery) -> None:
     assert decode_schedule(encode_schedule({"e": (when, 9), "never": (None, 0)})) == {"e": (when, 9),
                                                                                      "never": (None, 0)}
     assert decode_schedule("") == {}
+    # The term that fired each entry rides along (the status page shows it), where known.
+    assert decode_payload(encode_schedule({"e": (when, 9), "never": (None, 0)}, {"e": 4})) == \
+        ({"e": (when, 9), "never": (None, 0)}, {"e": 4})
     with pytest.raises(ValueError):
         decode_schedule('{"format": 99}')
 
