@@ -45,6 +45,10 @@ def status(address: str) -> dict | None:
         return None
 
 
+class Timeout(Exception):
+    pass
+
+
 def wait_for(what: str, predicate, timeout: float):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -52,7 +56,15 @@ def wait_for(what: str, predicate, timeout: float):
         if value:
             return value
         time.sleep(0.05)
-    raise SystemExit(f"demo: timed out waiting for {what}")
+    raise Timeout(what)
+
+
+def show_logs(demo_dir: Path, lines: int = 25) -> None:
+    """After a failed wait: the end of each worker's log, so the reason is on screen."""
+    for log in sorted(demo_dir.glob("worker*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        print(f"--- {log} (last {len(tail)} lines)", file=sys.stderr)
+        print("\n".join(tail), file=sys.stderr)
 
 
 def main() -> int:
@@ -87,16 +99,25 @@ def main() -> int:
         for i in range(3):
             start(i)
         first = wait_for("a leader", leader, 60)
-        term = status(first)["term"]
-        print(f"demo: leader is {first} (worker demo{addrs.index(first)}), term {term}")
+        print(f"demo: leader is {first} (worker demo{addrs.index(first)}), term {status(first)['term']}")
 
         env_app = {**env}
         sender = subprocess.run(
             [sys.executable, "-c", "from examples.basic.app import rebuild_index\n"
              "for i in range(5): rebuild_index.delay(i)"], cwd=ROOT, env=env_app, check=True)
         assert sender.returncode == 0
-        wait_for("3 scheduled runs from the first leader",
-                 lambda: sum(1 for r in records() if r["task"] == "report" and r["term"] == term) >= 3, 30)
+
+        def leader_with_runs() -> tuple[str, int] | None:
+            # Whoever leads now, once it has sent 3 runs in its term (leadership may have
+            # moved since the first look, e.g. while a slow machine was starting the workers).
+            current = leader()
+            st = status(current) if current else None
+            if st and sum(1 for r in records() if r["task"] == "report" and r["term"] == st["term"]) >= 3:
+                return current, st["term"]
+            return None
+
+        first, term = wait_for("3 scheduled runs from the leader", leader_with_runs, 30)
+        print(f"demo: {first} (worker demo{addrs.index(first)}) sent 3 scheduled runs in term {term}")
 
         victim = workers[first]
         t_kill = time.monotonic()
@@ -112,6 +133,11 @@ def main() -> int:
                  lambda: sum(1 for r in records() if r["task"] == "report" and r["term"] == new_term) >= 3, 30)
         wait_for("all 5 leader-only tasks",
                  lambda: len({r["i"] for r in records() if r["task"] == "rebuild_index"}) == 5, 30)
+    except Timeout as exc:
+        print(f"demo: timed out waiting for {exc}", file=sys.stderr)
+        failed = True
+    else:
+        failed = False
     finally:
         for p in workers.values():
             if p.poll() is None:
@@ -122,6 +148,10 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
 
+    if failed:
+        show_logs(demo_dir)
+        print("demo: FAILED")
+        return 1
     runs = [r for r in records() if r["task"] == "report"]
     numbers = [r["run"] for r in runs]
     duplicates = sorted({n for n in numbers if numbers.count(n) > 1})
