@@ -16,7 +16,7 @@ test: $(STAMP)
 
 ## Deterministic simulation with 10,000 fault schedules.
 sim: $(STAMP)
-	SIM_EXAMPLES=10000 $(PY) -m pytest -q -p no:randomly tests/test_simulation.py
+	SIM_EXAMPLES=10000 $(PY) -m pytest -q -p no:randomly --hypothesis-show-statistics tests/test_simulation.py
 
 ## The real-process fault suite, long: 10 minutes per mode (standalone, worker) with 5 nodes (root).
 ## Replay a run with CHAOS_SEED=<seed printed> (and CHAOS_SECONDS / CHAOS_NODES as printed).

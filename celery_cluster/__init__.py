@@ -8,6 +8,7 @@ from .errors import (
     AuthenticationError,
     ClusterError,
     ConfigurationError,
+    MembershipError,
     ProtocolError,
     StateFileError,
     TransferError,
@@ -49,5 +50,6 @@ __all__ = [
     "ProtocolError",
     "AuthenticationError",
     "TransferError",
+    "MembershipError",
 ]
 __version__ = "0.1.0"

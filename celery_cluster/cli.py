@@ -1,6 +1,8 @@
 """``celery-cluster node``: run one standalone member (the seed's example, as a tool).
 
     celery-cluster node --listen 127.0.0.1:8899 --nodes 127.0.0.1:8899,127.0.0.1:8898,127.0.0.1:8897
+    celery-cluster node --listen 127.0.0.1:8896 --join 127.0.0.1:8899        # a new member
+    celery-cluster members --node 127.0.0.1:8899 [add|remove HOST:PORT]
 
 SIGTERM/SIGINT hand leadership over (if leading) and exit 0. Bad arguments
 print one line and exit 2. A node whose state cannot be made durable (disk
@@ -23,6 +25,7 @@ from . import __version__
 from .cluster import Cluster
 from .config import DEFAULT_ELECTION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, format_range
 from .errors import ClusterError
+from .members_command import members_command
 from .stepdown_command import stepdown_command
 from .tls import TLSConfig
 
@@ -60,7 +63,10 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--listen", required=True, help="HOST:PORT to serve the /cluster routes on.")
-@click.option("--nodes", required=True, help="Comma-separated HOST:PORT of every member, this one included.")
+@click.option("--nodes", default=None,
+              help="Comma-separated HOST:PORT of every member, this one included: a new cluster's bootstrap list.")
+@click.option("--join", default=None,
+              help="Comma-separated HOST:PORT of members to ask to add this node to a running cluster.")
 @click.option("--advertise", default=None, help="HOST:PORT peers reach this node at (default: --listen).")
 @click.option("--election-timeout", default=format_range(DEFAULT_ELECTION_TIMEOUT), show_default=True,
               help="MIN-MAX seconds.")
@@ -73,15 +79,17 @@ def cli() -> None:
 @click.option("--tls-key", default=None, help="PEM private key of --tls-cert.")
 @click.option("--tls-ca", default=None, help="PEM certificate of the CA that signed every member's.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def node(listen: str, nodes: str, advertise: str | None, election_timeout: str, heartbeat_interval: float,
-         state_dir: str | None, in_memory: bool, secret_file: str | None, tls_cert: str | None,
-         tls_key: str | None, tls_ca: str | None, log_format: str) -> None:
+def node(listen: str, nodes: str | None, join: str | None, advertise: str | None, election_timeout: str,
+         heartbeat_interval: float, state_dir: str | None, in_memory: bool, secret_file: str | None,
+         tls_cert: str | None, tls_key: str | None, tls_ca: str | None, log_format: str) -> None:
     """Run one cluster member until SIGTERM/SIGINT."""
     _setup_logging(log_format)
     stop = threading.Event()
     try:
+        if not nodes and not join:
+            raise ClusterError("give --nodes (a new cluster's members) or --join (members of a running one)")
         tls = TLSConfig.from_options(tls_cert, tls_key, tls_ca)
-        cluster = Cluster(nodes, listen=listen, advertise=advertise, tls=tls,
+        cluster = Cluster(nodes or [], join=join, listen=listen, advertise=advertise, tls=tls,
                           election_timeout=election_timeout,
                           heartbeat_interval=heartbeat_interval, state_dir=state_dir,
                           secret_file=secret_file, persist=not in_memory,
@@ -102,6 +110,7 @@ def node(listen: str, nodes: str, advertise: str | None, election_timeout: str, 
 
 
 cli.add_command(stepdown_command)
+cli.add_command(members_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import errno
 import ipaddress
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -21,12 +22,14 @@ from .config import (
     Timing,
     default_state_dir,
     parse_address,
+    parse_nodes,
     parse_timeout_range,
     split_host_port,
 )
-from .errors import ClusterError, ConfigurationError
+from .errors import ClusterError, ConfigurationError, MembershipError
 from .http_client import PeerClient
 from .http_server import EmbeddedServer, make_app, make_blueprint
+from .members_client import change_members
 from .messages import Version
 from .metrics import Extras, make_registry, render
 from .node import Leadership, LeaseSink, Node
@@ -83,9 +86,21 @@ class Cluster:
         lease_sink: LeaseSink | None = None,
         clock: Callable[[], float] = lease_clock,
         role: str = "node",
+        join: Iterable[str] | str | None = None,
     ) -> None:
         self.log = logger or log
         self.listen = parse_address(listen) if listen else None
+        #: Members to ask to add this node (``join=``, ``--cluster-join``): a node that ``nodes``
+        #: does not list starts with no configuration and asks them; one it lists bootstraps.
+        self.join = parse_nodes(join) if join else ()
+        if self.join and not isinstance(nodes, Membership):
+            if advertise is None and self.listen is None:
+                raise ConfigurationError("give listen= (embedded server) or advertise= (your own server)")
+            me = parse_address(advertise or self.listen or "")
+            if not nodes or me not in parse_nodes(nodes):
+                nodes = Membership((), me)
+        if isinstance(nodes, Membership) and nodes.members:
+            self.join = ()  # listed: a bootstrap member, nothing to ask
         if isinstance(nodes, Membership):
             membership = nodes  # parsed and checked by the caller (the worker's settings, the CLI)
             if advertise is not None and parse_address(advertise) != membership.advertise:
@@ -96,7 +111,6 @@ class Cluster:
                 raise ConfigurationError("give listen= (embedded server) or advertise= (your own server)")
             membership = Membership.parse(nodes, advertise or self.listen or "")
         self.membership = membership
-        self.members = membership.members
         self.advertise = membership.advertise
         if timing is None:
             timing = Timing(DEFAULT_ELECTION_TIMEOUT if election_timeout is None
@@ -132,9 +146,11 @@ class Cluster:
             tls=self._tls_client,
         )
         try:
-            self.node = Node(self.advertise, self.members, transport=self.client, timing=self.timing,
+            self.node = Node(self.advertise, membership.members, transport=self.client, timing=self.timing,
                              state_file=state_file, on_leader=on_leader, on_follower=on_follower,
-                             on_failure=on_failure, lease_sink=lease_sink, logger=self.log, clock=clock)
+                             on_failure=on_failure, lease_sink=lease_sink, logger=self.log, clock=clock,
+                             join=bool(self.join))
+            self.node.contacts.update(a for a in self.join if a != self.advertise)
         except BaseException:
             self.client.close()  # e.g. StateFileError: don't leave the per-peer sender threads behind
             raise
@@ -147,7 +163,8 @@ class Cluster:
         #: Extra metric families for GET /cluster/metrics (the Celery step adds beat and task metrics).
         self.metrics_extras: Extras | None = None
         self._registry = make_registry(self.node, self.client, lambda: self.metrics_extras)
-        self._overview = Overview(self.advertise, self.members, self.status,
+        self._joiner: threading.Thread | None = None
+        self._overview = Overview(self.advertise, lambda: self.node.members or self.join, self.status,
                                   session_factory=(lambda: tls_session(tls)) if tls is not None else None,
                                   scheme="https" if tls is not None else "http")
 
@@ -168,6 +185,26 @@ class Cluster:
         if self._server is not None:
             self._server.start()
         self.node.start()
+        if self.join and not self.node.core.voter:
+            self._joiner = threading.Thread(target=self._ask_to_join, name="celery-cluster-join", daemon=True)
+            self._joiner.start()
+
+    def _ask_to_join(self) -> None:
+        """Until this node is a member: ask the leader (through the join seeds) to add it."""
+        delay = 1.0
+        while not self.node.stopped and not self.node.core.voter:
+            try:
+                answer = change_members(self.join, "add", self.advertise, signer=self.signer, tls=self.tls,
+                                        sender=self.advertise)
+            except MembershipError as exc:
+                self.log.warning("[cluster] %s: not a member yet: %s; asking again in %.0f s", self.advertise,
+                                 exc, delay)
+                if self.node.wait_stopped(delay):
+                    return
+                delay = min(delay * 2, 30.0)
+                continue
+            self.log.info("[cluster] %s joined: members are %s", self.advertise, ",".join(answer.get("members", [])))
+            return
 
     def bind(self) -> None:
         """Take the listen address now (``start()`` does it if you don't): a port in use or
@@ -251,6 +288,19 @@ class Cluster:
     def failure(self) -> BaseException | None:
         """Why this node fail-stopped and left the cluster, if it did."""
         return self.node.failure
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The voting members this node uses now (the replicated configuration, once there is one)."""
+        return self.node.members
+
+    def add_member(self, address: str, timeout: float = 30.0) -> tuple[str, ...]:
+        """On the leader: add ``address`` (started with ``join=``); returns the new members."""
+        return self.node.add_member(parse_address(address), timeout)
+
+    def remove_member(self, address: str, timeout: float = 30.0) -> tuple[str, ...]:
+        """On the leader: remove ``address`` (itself too: it then hands over); returns the members."""
+        return self.node.remove_member(parse_address(address), timeout)
 
     def stepdown(self, to: str | None = None) -> str:
         """Transfer leadership (to ``to`` or the most up-to-date reachable peer); returns the target."""

@@ -45,6 +45,23 @@ Rules, with their reason (Raft paper / Ongaro's thesis, ch. 3, 6 and 9):
 * A retiring node (:meth:`~Election.retire`, a worker in warm shutdown) keeps
   voting but never campaigns or leads again, even through a campaign that was
   under way when it retired.
+* Membership (Ongaro's thesis, section 4.1): the voting members are part of the
+  replicated state, versioned with the payload; the first leader stamps the
+  bootstrap list into it. Each node counts votes, acknowledgements and commits
+  against the latest configuration it holds, committed or not. The leader
+  changes it one server at a time (:meth:`~Election.add_member`,
+  :meth:`~Election.remove_member`), only once it has committed state in its own
+  term and never while an earlier change is uncommitted. Any majority of a
+  configuration meets any majority of one that differs by one server, so the
+  lease and vote arguments above hold across each step. A new server first
+  catches up as a learner (sent the state, not counted), then is added; a node
+  not in its own configuration never campaigns; a leader that removed itself
+  hands over once the change is committed.
+* Every message carries the cluster id (a digest of the bootstrap member list);
+  a message from another cluster is dropped (:class:`ClusterMismatch`); one
+  without an id (a release before ids) is not checked. A node
+  with no replicated configuration (started to join) takes the id and the state
+  from the first leader that sends them.
 """
 
 from __future__ import annotations
@@ -56,7 +73,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .config import DEFAULT_ELECTION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_CLOCK_DRIFT
-from .errors import ClusterError, TransferError
+from .errors import ClusterError, MembershipError, TransferError
 from .messages import (
     AppendEntries,
     AppendResponse,
@@ -66,6 +83,7 @@ from .messages import (
     Version,
     VoteRequest,
     VoteResponse,
+    cluster_id,
 )
 
 
@@ -112,7 +130,8 @@ class SteppedDown:
     could have been true (``-inf`` if it never was in this term)."""
 
     term: int
-    reason: str  # higher_term | lost_quorum | lease_expired | transfer | shutdown | callback_error | state_not_durable
+    # higher_term | lost_quorum | lease_expired | transfer | shutdown | callback_error | state_not_durable | removed
+    reason: str
     lease_until: float
     had_lease: bool
 
@@ -140,7 +159,34 @@ class VoteRefused:
     reason: str
 
 
-Event = RoleChanged | LeaseAcquired | SteppedDown | Committed | VoteRefused
+@dataclass(frozen=True)
+class MembersChanged:
+    """This node now uses configuration ``members`` (state version ``version``; not yet
+    committed when a leader proposes it or a follower receives it)."""
+
+    members: tuple[str, ...]
+    version: Version
+
+
+@dataclass(frozen=True)
+class LearnerDropped:
+    """The leader gave up adding ``node``: ``no_answer`` or ``not_caught_up`` within ``learner_timeout``."""
+
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClusterMismatch:
+    """A message from ``sender`` was dropped: it belongs to cluster ``theirs``, we to ``ours``."""
+
+    sender: str
+    theirs: str
+    ours: str
+
+
+Event = (RoleChanged | LeaseAcquired | SteppedDown | Committed | VoteRefused | MembersChanged | LearnerDropped
+         | ClusterMismatch)
 
 
 @dataclass
@@ -167,16 +213,18 @@ class Election:
         max_clock_drift: float = DEFAULT_MAX_CLOCK_DRIFT,
         state: HardState | None = None,
         rng: random.Random | None = None,
+        join: bool = False,
+        learner_timeout: float | None = None,
     ) -> None:
+        """``members`` is the bootstrap configuration: used (and its digest taken as the cluster
+        id) only while ``state`` holds no replicated configuration. ``join``: start with no
+        configuration at all and wait for a leader to add this node (``members`` is ignored)."""
         self.id = node_id
-        self.members: tuple[str, ...] = tuple(dict.fromkeys(members))
-        if node_id not in self.members:
-            raise ValueError(f"{node_id} is not among the members {self.members}")
-        self.peers: tuple[str, ...] = tuple(m for m in self.members if m != node_id)
-        self.quorum = len(self.members) // 2 + 1
         self.min_timeout, self.max_timeout = election_timeout
         self.heartbeat_interval = heartbeat_interval
         self.lease_duration = self.min_timeout * (1 - max_clock_drift) / (1 + max_clock_drift)
+        #: How long the leader waits for a learner to catch up before giving it up.
+        self.learner_timeout = learner_timeout if learner_timeout is not None else 5 * self.max_timeout
         self.rng = rng or random.Random()
 
         state = state or HardState()
@@ -185,6 +233,20 @@ class Election:
         self.version: Version = tuple(state.payload_version)  # type: ignore[assignment]
         self.payload = state.payload
         self._saved = state
+        #: The bootstrap list given at start (only contact addresses once a configuration is replicated).
+        self.static_members: tuple[str, ...] = () if join else tuple(dict.fromkeys(members))
+        if state.members:
+            self.replicated = True
+            self.cluster = state.cluster
+            self.config_version: Version = tuple(state.config_version)  # type: ignore[assignment]
+            self._set_members(state.members)
+        else:
+            if not join and node_id not in self.static_members:
+                raise ValueError(f"{node_id} is not among the members {self.static_members}")
+            self.replicated = False
+            self.cluster = cluster_id(self.static_members) if self.static_members else ""
+            self.config_version = (0, 0)
+            self._set_members(self.static_members)
 
         self.role = Role.FOLLOWER
         self.leader_id: str | None = None
@@ -196,7 +258,7 @@ class Election:
         self.leader_contact = NEVER
         self.last_heard: dict[str, float] = {}  # any message, per peer (for status)
         # A lone member leads at once; others wait a randomised timeout.
-        self.election_deadline = now if self.quorum == 1 else now + self._random_timeout()
+        self.election_deadline = now if self.members == (self.id,) else now + self._random_timeout()
 
         self._votes: dict[str, bool] = {}
         #: A retiring node (shutting down) still votes but never campaigns.
@@ -213,6 +275,14 @@ class Election:
         self.peer_contact: dict[str, float] = {}
         self.next_heartbeat = NEVER
         self.commit_version: Version = (0, 0)
+        #: Leader only: nodes being caught up before they are added, and when each was asked for.
+        self.learners: dict[str, float] = {}
+        #: Leader only: the version it started from when elected (what it held of the past).
+        self.elected_with: Version = (0, 0)
+        #: The newest version this node holds and knows to be committed (heard from a leader).
+        self.known_commit: Version = (0, 0)
+        #: Leader only: nodes it removed, told again once the removal is committed.
+        self._removed: set[str] = set()
 
         self._out: list[Envelope] = []
         self._events: list[Event] = []
@@ -231,7 +301,28 @@ class Election:
 
     @property
     def hard_state(self) -> HardState:
-        return HardState(self.term, self.voted_for, self.version, self.payload)
+        if not self.replicated:
+            return HardState(self.term, self.voted_for, self.version, self.payload)
+        return HardState(self.term, self.voted_for, self.version, self.payload, self.members,
+                         self.config_version, self.cluster)
+
+    @property
+    def voter(self) -> bool:
+        """Whether this node is in its own configuration (only voters count)."""
+        return self.id in self.members
+
+    @property
+    def may_campaign(self) -> bool:
+        """Voters campaign; so does a node outside its configuration while that configuration
+        is not known to be committed - a leader that removed itself and lost its followers
+        before the change was committed must be able to finish it (with the votes of the
+        new configuration, never its own), or a cluster shrinking from two to one could
+        wait for ever. Once it knows the change committed, it never campaigns again."""
+        return not self.passive and (self.voter or (self.replicated and self.config_version > self.known_commit))
+
+    def change_pending(self) -> bool:
+        """The leader's latest configuration change is not committed yet."""
+        return self.config_version > self.commit_version
 
     # -- inputs ----------------------------------------------------------------
 
@@ -241,15 +332,26 @@ class Election:
                 reason = "lease_expired" if now >= self.lease_until else "lost_quorum"
                 self._become_follower(now, self.term, None, reason)
             elif now >= self.next_heartbeat:
+                self._drop_stale_learners(now)
                 self._broadcast(now)
-        elif now >= self.election_deadline and not self.passive:
-            self._start_prevote(now)
+        elif now >= self.election_deadline:
+            if not self.may_campaign:
+                self.election_deadline = now + self._random_timeout()  # never campaigns; just wait again
+            else:
+                self._start_prevote(now)
         return self._ready()
 
     def step(self, msg: Message, now: float) -> Ready:
         sender = msg.sender
-        if sender not in self.peers:
-            return self._ready()  # the transport rejects strangers; never let them in here
+        if sender == self.id:
+            return self._ready()  # never a message from ourselves (a misconfigured address)
+        if msg.cluster != self.cluster and msg.cluster:  # no id: a release before ids; not checked
+            joining = (not self.replicated and not self.static_members
+                       and isinstance(msg, AppendEntries) and msg.members is not None)
+            if not joining:
+                self._events.append(ClusterMismatch(sender, msg.cluster, self.cluster))
+                return self._ready()
+            self.cluster = msg.cluster  # a joining node takes the id of the leader that adds it
         self.last_heard[sender] = now
         # The recent-leader rule is judged once, on the state the request found.
         sticky = self._sticky_reason(msg.candidate, now, msg.transfer) if isinstance(msg, VoteRequest) else None
@@ -314,6 +416,79 @@ class Election:
         self._broadcast(now)
         return self.version, self._ready()
 
+    # -- membership ------------------------------------------------------------
+
+    def _check_change(self, what: str) -> None:
+        if self.role is not Role.LEADER:
+            raise NotLeader(f"{self.id} is not the leader (leader: {self.leader_id}): send {what} to the leader")
+        if self.commit_version < self.elected_with or self.commit_version[0] != self.term:
+            raise MembershipError(f"cannot {what} yet: the leader has not committed state in its term {self.term}")
+        if self.change_pending():
+            raise MembershipError(f"cannot {what}: the change to {', '.join(self.members)} is not committed yet")
+
+    def add_member(self, node: str, now: float) -> Ready:
+        """Start adding ``node``: it is sent the state as a learner and, once it holds the
+        leader's version, added to the configuration (one server). Raises
+        :class:`MembershipError` (nothing changed) if a change is pending or ``node`` is a member;
+        :class:`LearnerDropped` follows if it does not catch up within ``learner_timeout``."""
+        self._check_change(f"add {node}")
+        if node in self.members:
+            raise MembershipError(f"{node} is already a member")
+        if self.learners and node not in self.learners:
+            raise MembershipError(f"cannot add {node}: {', '.join(self.learners)} is being added")
+        if node not in self.learners:
+            self.learners[node] = now
+            self._send_append(node)
+        return self._ready()
+
+    def remove_member(self, node: str, now: float) -> tuple[Version, Ready]:
+        """Remove ``node`` (this leader itself included: it then hands over once the change is
+        committed). Refused, changing nothing, when a change is pending, ``node`` is not a
+        member, or fewer of the remaining members than their majority answered lately."""
+        self._check_change(f"remove {node}")
+        if node not in self.members:
+            raise MembershipError(f"{node} is not a member (members: {', '.join(self.members)})")
+        remaining = tuple(m for m in self.members if m != node)
+        if not remaining:
+            raise MembershipError(f"cannot remove {node}: it is the only member")
+        live = [m for m in remaining if m == self.id or now - self.peer_contact.get(m, NEVER) < self.min_timeout]
+        need = len(remaining) // 2 + 1
+        if len(live) < need:
+            raise MembershipError(
+                f"cannot remove {node}: only {len(live)} of the remaining {len(remaining)} members "
+                f"answered lately ({', '.join(live) or 'none'}), {need} are needed for their majority")
+        self._change_members(remaining, now)
+        if node != self.id:
+            self._removed.add(node)
+            self._send_append(node)  # tell it now, and again once committed (it then never campaigns)
+        return self.version, self._ready()
+
+    def _change_members(self, members: tuple[str, ...], now: float) -> None:
+        self.version = (self.term, self.version[1] + 1)
+        self.config_version = self.version
+        self._set_members(members)
+        self._events.append(MembersChanged(self.members, self.version))
+        self._broadcast(now)
+
+    def _set_members(self, members: tuple[str, ...]) -> None:
+        self.members = tuple(members)
+        self.peers: tuple[str, ...] = tuple(m for m in self.members if m != self.id)
+        self.quorum = len(self.members) // 2 + 1
+
+    def _drop_stale_learners(self, now: float) -> None:
+        for node, since in list(self.learners.items()):
+            if now - since >= self.learner_timeout:
+                del self.learners[node]
+                answered = node in self.peer_contact
+                self._events.append(LearnerDropped(node, "not_caught_up" if answered else "no_answer"))
+
+    def _maybe_promote(self, node: str, now: float) -> None:
+        """A learner that holds our version becomes a member (the one-server "add")."""
+        if self.peer_version.get(node) != self.version or self.change_pending():
+            return
+        del self.learners[node]
+        self._change_members((*self.members, node), now)
+
     def transfer_leadership(self, now: float, target: str | None = None) -> tuple[str, Ready]:
         """Hand leadership to ``target`` or to the most up-to-date reachable peer.
 
@@ -322,6 +497,10 @@ class Election:
         """
         if self.role is not Role.LEADER:
             raise TransferError(f"{self.id} is not the leader")
+        target = self._transfer(now, target)
+        return target, self._ready()
+
+    def _transfer(self, now: float, target: str | None) -> str:
         reachable = [p for p in self.peers if now - self.peer_contact.get(p, NEVER) < self.min_timeout]
         if target is not None:
             if target not in reachable:
@@ -331,9 +510,10 @@ class Election:
         else:
             target = max(reachable, key=lambda p: (self.peer_version.get(p, (0, 0)), self.peer_contact[p]))
         behind = self.peer_version.get(target, (0, 0)) < self.version
-        self._send(target, TimeoutNow(self.term, self.id, self.version, self.payload if behind else None))
-        self._become_follower(now, self.term, None, "transfer")
-        return target, self._ready()
+        self._send(target, TimeoutNow(self.term, self.id, self.version, self.payload if behind else None,
+                                      self.members if behind else None, self.cluster))
+        self._become_follower(now, self.term, None, "transfer" if self.voter else "removed")
+        return target
 
     def step_down(self, now: float, reason: str) -> Ready:
         """Give up leadership without a handover (``shutdown``, ``callback_error``)."""
@@ -373,14 +553,16 @@ class Election:
                 reason = "candidate_behind"
         if reason is not None:
             self._events.append(VoteRefused(m.candidate, m.term, m.prevote, reason))
-            self._send(m.candidate, VoteResponse(self.term, self.id, False, m.prevote))
+            self._send(m.candidate, VoteResponse(self.term, self.id, False, m.prevote, self.cluster))
+            if self.role is Role.LEADER and m.candidate not in self.members and m.candidate not in self.learners:
+                self._send_append(m.candidate)  # a node we removed that missed it: tell it again
             return
         if m.prevote:
-            self._send(m.candidate, VoteResponse(m.term, self.id, True, True))
+            self._send(m.candidate, VoteResponse(m.term, self.id, True, True, self.cluster))
             return
         self.voted_for = m.candidate  # the term was adopted in step(): m.term == self.term
         self.election_deadline = now + self._random_timeout()
-        self._send(m.candidate, VoteResponse(self.term, self.id, True, False))
+        self._send(m.candidate, VoteResponse(self.term, self.id, True, False, self.cluster))
 
     def _on_vote_response(self, m: VoteResponse, now: float) -> None:
         if m.prevote:
@@ -397,7 +579,8 @@ class Election:
             self._become_leader(now)
 
     def _granted(self) -> int:
-        return sum(1 for g in self._votes.values() if g)
+        """Votes granted by members of our configuration (ourselves included if we are one)."""
+        return sum(1 for voter, g in self._votes.items() if g and voter in self.members)
 
     def _start_prevote(self, now: float) -> None:
         if self.contact_leader is not None and now - self.leader_contact < self.min_timeout:
@@ -408,20 +591,21 @@ class Election:
         self._votes = {self.id: True}
         self.election_deadline = now + self._random_timeout()
         for p in self.peers:
-            self._send(p, VoteRequest(self.term + 1, self.id, self.version, prevote=True))
+            self._send(p, VoteRequest(self.term + 1, self.id, self.version, prevote=True, cluster=self.cluster))
         if self._granted() >= self.quorum:
             self._campaign(now, transfer=False)
 
     def _campaign(self, now: float, transfer: bool) -> None:
-        if self.passive:
-            return  # retiring: never lead again
+        if not self.may_campaign:
+            return  # retiring, or not a member: never lead again
         self.term += 1
         self.voted_for = self.id
         self._set_role(Role.CANDIDATE, None)
         self._votes = {self.id: True}
         self.election_deadline = now + self._random_timeout()
         for p in self.peers:
-            self._send(p, VoteRequest(self.term, self.id, self.version, prevote=False, transfer=transfer))
+            self._send(p, VoteRequest(self.term, self.id, self.version, prevote=False, transfer=transfer,
+                                      cluster=self.cluster))
         if self._granted() >= self.quorum:
             self._become_leader(now)
 
@@ -431,7 +615,12 @@ class Election:
         self._set_role(Role.LEADER, self.id)
         # Re-stamp the payload in our term: our version now exceeds every other,
         # and committing it commits everything before it (Raft's no-op entry).
+        self.elected_with = self.version
         self.version = (self.term, self.version[1] + 1)
+        if not self.replicated:
+            # The first leader makes the bootstrap list the replicated configuration.
+            self.replicated = True
+            self.config_version = self.version
         self.lease_until = NEVER
         self._had_lease = False
         self._round = 0
@@ -442,6 +631,8 @@ class Election:
         self.peer_version = {}
         self.peer_contact = {}
         self.commit_version = (0, 0)
+        self.learners = {}
+        self._removed = set()
         self._broadcast(now)
 
     def _broadcast(self, now: float) -> None:
@@ -451,29 +642,40 @@ class Election:
         self.next_heartbeat = now + self.heartbeat_interval
         for p in self.peers:
             self._send_append(p)
+        for p in self.learners:
+            self._send_append(p)
         self._advance(now)
 
     def _send_append(self, peer: str) -> None:
         behind = self.peer_version.get(peer) != self.version
         if behind:
             self._payload_round[peer] = self._round
-        self._send(peer, AppendEntries(self.term, self.id, self._round, self.version,
-                                       self.payload if behind else None))
+            self._send(peer, AppendEntries(self.term, self.id, self._round, self.version, self.payload,
+                                           self.members, self.cluster, self.commit_version))
+        else:
+            self._send(peer, AppendEntries(self.term, self.id, self._round, self.version, None, None,
+                                           self.cluster, self.commit_version))
 
     def _on_append_response(self, m: AppendResponse, now: float) -> None:
         if self.role is not Role.LEADER or m.term < self.term or not m.success:
             return
         peer = m.follower
+        learner = peer in self.learners
+        if peer not in self.members and not learner:
+            return  # a node we removed, answering the notice
         self.peer_contact[peer] = now
         self.peer_version[peer] = max(m.version, self.peer_version.get(peer, (0, 0)))
         self._peer_round[peer] = max(m.round, self._peer_round.get(peer, 0))
         if self.peer_version[peer] < self.version and self._payload_round.get(peer) != self._round:
             self._send_append(peer)  # it lacks the payload: don't wait for the next round
+        if learner:
+            self._maybe_promote(peer, now)
         self._advance(now)
 
     def _advance(self, now: float) -> None:
         """Recompute the lease and the commit version from what peers acknowledged."""
-        rounds = sorted([self._round, *self._peer_round.values()], reverse=True)
+        mine = [self._round] if self.voter else []
+        rounds = sorted([*mine, *(self._peer_round.get(p, 0) for p in self.peers)], reverse=True)
         majority_round = rounds[self.quorum - 1] if len(rounds) >= self.quorum else 0
         if majority_round in self._round_started:
             started = self._round_started[majority_round]
@@ -484,10 +686,27 @@ class Election:
             if not self._had_lease and now < self.lease_until:
                 self._had_lease = True
                 self._events.append(LeaseAcquired(self.term, self.lease_until))
-        held = sorted([self.version, *(v for v in self.peer_version.values() if v[0] == self.term)], reverse=True)
+        mine_v = [self.version] if self.voter else []
+        held = sorted([*mine_v, *(v for p in self.peers if (v := self.peer_version.get(p, (0, 0)))[0] == self.term)],
+                      reverse=True)
         if len(held) >= self.quorum and held[self.quorum - 1] > self.commit_version:
             self.commit_version = held[self.quorum - 1]
+            if self.commit_version == self.version:
+                self.known_commit = self.version
             self._events.append(Committed(self.commit_version))
+            if not self.change_pending():
+                for node in self._removed:
+                    self._send_append(node)  # the removal is committed: now it knows for sure
+                self._removed.clear()
+                if not self.voter:
+                    self._hand_over_after_removal(now)
+
+    def _hand_over_after_removal(self, now: float) -> None:
+        """We removed ourselves and that is committed: hand over, or step down if nobody answers."""
+        try:
+            self._transfer(now, None)
+        except TransferError:
+            self._become_follower(now, self.term, None, "removed")
 
     def _stepdown_at(self) -> float:
         """Check-quorum: step down two heartbeats before the lease would lapse."""
@@ -498,7 +717,7 @@ class Election:
     def _on_append(self, m: AppendEntries, now: float) -> None:
         if m.term < self.term:
             # A leader of an older term: tell it our term (it may re-run, see module doc).
-            self._send(m.leader, AppendResponse(self.term, self.id, m.round, self.version, False))
+            self._send(m.leader, AppendResponse(self.term, self.id, m.round, self.version, False, self.cluster))
             return
         if self.role is not Role.FOLLOWER or self.leader_id != m.leader:
             if self.role is Role.LEADER:
@@ -506,21 +725,33 @@ class Election:
             self._become_follower(now, m.term, m.leader, "leader_found")  # (pre-)candidate: the term has a leader
         self.contact_leader, self.leader_contact = m.leader, now
         self.election_deadline = now + self._random_timeout()
-        self._adopt_payload(m.version, m.payload)
-        self._send(m.leader, AppendResponse(self.term, self.id, m.round, self.version, True))
+        self._adopt_payload(m.version, m.payload, m.members)
+        if self.version == m.version and m.commit >= m.version:
+            self.known_commit = self.version  # what we hold is committed
+        self._send(m.leader, AppendResponse(self.term, self.id, m.round, self.version, True, self.cluster))
 
     def _on_timeout_now(self, m: TimeoutNow, now: float) -> None:
         if m.term != self.term or self.role is not Role.FOLLOWER or self.leader_id not in (None, m.leader):
             return  # stale or not from our leader
         if self.passive:
             return  # shutting down: the sender's election timeout will find another leader
-        self._adopt_payload(m.version, m.payload)
+        self._adopt_payload(m.version, m.payload, m.members)
         self._campaign(now, transfer=True)
 
-    def _adopt_payload(self, version: Version, payload: str | None) -> None:
-        """Take the leader's payload if it came along and is newer: messages reorder, never downgrade."""
+    def _adopt_payload(self, version: Version, payload: str | None, members: tuple[str, ...] | None) -> None:
+        """Take the leader's state if it came along and is newer: messages reorder, never downgrade.
+
+        Its configuration is used at once, committed or not (thesis section 4.1); a newer
+        leader's state may take it back, as Raft truncates an uncommitted entry."""
         if payload is not None and version > self.version:
             self.version, self.payload = version, payload
+            if members is not None and (members != self.members or not self.replicated):
+                changed = members != self.members
+                self.replicated = True
+                self.config_version = version
+                self._set_members(members)
+                if changed:
+                    self._events.append(MembersChanged(self.members, version))
 
     def _become_follower(self, now: float, term: int, leader: str | None, reason: str) -> None:
         if self.role is Role.LEADER:

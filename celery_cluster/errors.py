@@ -28,3 +28,7 @@ class AuthenticationError(ClusterError):
 
 class TransferError(ClusterError):
     """Leadership could not be handed over (not leader, or no reachable peer)."""
+
+
+class MembershipError(ClusterError):
+    """A membership change was refused (not the leader, one pending, would lose the majority...)."""

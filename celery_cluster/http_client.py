@@ -153,6 +153,10 @@ class _Peer:
         self.queue.append(msg)
 
 
+#: Most addresses one client keeps connections for (configurations change over time).
+MAX_PEERS = 256
+
+
 class PeerClient:
     """The :class:`~celery_cluster.node.Transport` over HTTP."""
 
@@ -189,12 +193,20 @@ class PeerClient:
     # -- Transport ---------------------------------------------------------------
 
     def send(self, envelope: Envelope) -> None:
-        peer = self._peers.get(envelope.to)
-        if peer is None:
-            return
         with self._lock:
             if self._closed:
                 return
+            peer = self._peers.get(envelope.to)
+            if peer is None:
+                if len(self._peers) >= MAX_PEERS:
+                    return
+                # A member added since we started (or a learner the leader catches up). Copy on
+                # write: the I/O thread iterates the dict without the lock.
+                try:
+                    peer = _Peer(envelope.to)
+                except ValueError:
+                    return  # not HOST:PORT: nothing to connect to
+                self._peers = {**self._peers, envelope.to: peer}
             peer.enqueue(envelope.msg)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="celery-cluster-send", daemon=True)

@@ -38,13 +38,18 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wsgi import LimitedStream
 
 from .auth import SENDER_HEADER, Signer
-from .config import split_host_port
-from .errors import AuthenticationError, ProtocolError, TransferError
+from .config import parse_address, split_host_port
+from .election import NotLeader
+from .errors import AuthenticationError, ConfigurationError, MembershipError, ProtocolError, TransferError
 from .log_limit import LogLimiter
 from .messages import MAX_PAYLOAD_LEN, AppendEntries, TimeoutNow, VoteRequest, decode, encode
 from .node import NodeStopped
 from .status_page import PAGE
 from .tls import HANDSHAKE_TIMEOUT
+
+#: How long ``POST /cluster/members`` waits for its change to be committed (a new node's
+#: catch-up included: the core gives a learner up after 5 x the maximum election timeout).
+MEMBERS_TIMEOUT = 30.0
 
 if TYPE_CHECKING:
     from .node import Node
@@ -133,8 +138,8 @@ def _error(status: int, message: str) -> Response:
     return Response(json.dumps({"error": message}), status=status, mimetype="application/json")
 
 
-def _json(obj: Any) -> Response:
-    return Response(json.dumps(obj, separators=(",", ":")), status=200, mimetype="application/json")
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":")), status=status, mimetype="application/json")
 
 
 class RpcEndpoint:
@@ -166,7 +171,7 @@ class RpcEndpoint:
                 raise _Reject(400, f"{name} requires prevote={str(prevote).lower()}")
             if signed_by is not None and signed_by != msg.sender:
                 raise _Reject(401, f"signed by {signed_by} but sent as {msg.sender}")
-            if msg.sender not in self.node.members or msg.sender == self.node.id:
+            if not self.node.knows(msg.sender):
                 raise _Reject(403, f"{msg.sender} is not a peer of {self.node.id}")
             if client_cert and split_host_port(msg.sender)[0] not in client_cert:
                 raise _Reject(403, f"the client certificate does not name {msg.sender}")
@@ -280,6 +285,46 @@ def make_blueprint(node: Node, signer: Signer | None = None,
         except TransferError as exc:
             return _error(409, str(exc))
         return _json({"transferred_to": new, "from": node.id})
+
+    @bp.post("/members")
+    def members_route() -> Response:
+        """``{"add": "HOST:PORT"}`` or ``{"remove": "HOST:PORT"}``, on the leader: one server
+        at a time, answered once a majority of the new configuration holds it. A follower
+        answers 409 with the leader's address; a refused change is a 409 naming why."""
+        try:
+            require_client_cert(request.environ.get(CLIENT_CERT_ENVIRON))
+            body = read_body()
+            endpoint.authenticate(request.method, request.path, request.headers, body)
+            usage = 'body must be {"add": "HOST:PORT"} or {"remove": "HOST:PORT"}'
+            try:
+                data = json.loads(body) if body else None
+            except (ValueError, RecursionError):  # RecursionError: deep nesting
+                raise _Reject(400, usage) from None
+            if not isinstance(data, dict) or len(data) != 1 or not set(data) <= {"add", "remove"}:
+                raise _Reject(400, usage)
+            (op, raw), = data.items()
+            try:
+                address = parse_address(raw) if isinstance(raw, str) else None
+            except ConfigurationError as exc:
+                raise _Reject(400, f"{op}: {exc}") from None
+            if address is None:
+                raise _Reject(400, usage)
+            if not node.is_leader():
+                leader = node.core.leader_id
+                return _json({"error": f"{node.id} is not the leader; send this to the leader",
+                              "leader": leader, "members": list(node.members)}, 409)
+            timeout = MEMBERS_TIMEOUT
+            change = node.add_member if op == "add" else node.remove_member
+            members = change(address, timeout)
+        except _Reject as rej:
+            return _error(rej.status, rej.message)
+        except (MembershipError, NotLeader) as exc:
+            return _json({"error": str(exc), "leader": node.core.leader_id, "members": list(node.members)}, 409)
+        except NodeStopped as exc:
+            return _error(503, str(exc))
+        st = node.status()
+        return _json({op: address, "members": list(members), "config_version": st["config_version"],
+                      "leader": st["leader_id"]})
 
     return bp
 

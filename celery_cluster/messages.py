@@ -7,6 +7,7 @@ peer message is a :class:`ProtocolError` before it can reach the state machine.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,20 @@ MAX_TERM = 2**52
 MAX_ADDRESS_LEN = 300
 #: Largest replicated payload (characters).
 MAX_PAYLOAD_LEN = 4 * 1024 * 1024
+#: Most voting members a configuration may list.
+MAX_MEMBERS = 64
+#: Longest cluster id (a hex digest of the bootstrap member list).
+MAX_CLUSTER_ID_LEN = 64
+
+
+def cluster_id(members: tuple[str, ...] | list[str]) -> str:
+    """The id of a cluster bootstrapped with ``members``: the same set gives the same id.
+
+    Every message carries its sender's id, so nodes started with different static member
+    lists never vote for each other or follow each other's leader.
+    """
+    canonical = ",".join(sorted(set(members)))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -36,6 +51,13 @@ class HardState:
     voted_for: str | None = None
     payload_version: Version = (0, 0)
     payload: str = ""
+    #: The replicated configuration (voting members), part of the state ``payload_version``
+    #: versions; empty until a leader first stamps the bootstrap list into it.
+    members: tuple[str, ...] = ()
+    #: The version at which ``members`` last changed.
+    config_version: Version = (0, 0)
+    #: The cluster id this replicated state belongs to (empty with ``members``).
+    cluster: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,7 @@ class VoteRequest:
     prevote: bool = False
     #: Sent after a TimeoutNow: voters skip the recent-leader rule (the leader asked for it).
     transfer: bool = False
+    cluster: str = ""
 
     @property
     def sender(self) -> str:
@@ -60,6 +83,7 @@ class VoteResponse:
     voter: str
     granted: bool
     prevote: bool = False
+    cluster: str = ""
 
     @property
     def sender(self) -> str:
@@ -68,13 +92,18 @@ class VoteResponse:
 
 @dataclass(frozen=True)
 class AppendEntries:
-    """Heartbeat of round ``round``; carries the payload (else None) when the follower may lack it."""
+    """Heartbeat of round ``round``; carries the state (payload and members, else None) when the
+    follower may lack it."""
 
     term: int
     leader: str
     round: int
     version: Version
     payload: str | None = None
+    members: tuple[str, ...] | None = None
+    cluster: str = ""
+    #: The leader's commit version (Raft's leaderCommit): what a majority holds.
+    commit: Version = (0, 0)
 
     @property
     def sender(self) -> str:
@@ -88,6 +117,7 @@ class AppendResponse:
     round: int
     version: Version
     success: bool
+    cluster: str = ""
 
     @property
     def sender(self) -> str:
@@ -96,12 +126,14 @@ class AppendResponse:
 
 @dataclass(frozen=True)
 class TimeoutNow:
-    """Leadership transfer: "campaign now". Carries the payload if the target lacks it."""
+    """Leadership transfer: "campaign now". Carries the state if the target lacks it."""
 
     term: int
     leader: str
     version: Version
     payload: str | None = None
+    members: tuple[str, ...] | None = None
+    cluster: str = ""
 
     @property
     def sender(self) -> str:
@@ -123,6 +155,10 @@ def encode(msg: Message) -> dict[str, Any]:
     d: dict[str, Any] = {name: getattr(msg, name) for name in _FIELD_NAMES[type(msg)]}
     if "version" in d:
         d["version"] = list(d["version"])
+    if "commit" in d:
+        d["commit"] = list(d["commit"])
+    if d.get("members") is not None:
+        d["members"] = list(d["members"])
     d["type"] = type(msg).__name__
     return d
 
@@ -177,12 +213,24 @@ def _check(name: str, field: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ProtocolError(f"{where} must be true or false")
         return value
-    if field == "version":
+    if field in ("version", "commit"):
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise ProtocolError(f"{where} must be [term, sequence]")
         return (_number(where, value[0], MAX_TERM), _number(where, value[1], MAX_TERM))
     if field == "payload":
         if value is not None and (not isinstance(value, str) or len(value) > MAX_PAYLOAD_LEN):
             raise ProtocolError(f"{where} must be null or a string of at most {MAX_PAYLOAD_LEN} characters")
+        return value
+    if field == "members":
+        if value is None:
+            return None
+        if (not isinstance(value, (list, tuple)) or not 0 < len(value) <= MAX_MEMBERS
+                or not all(isinstance(m, str) and 0 < len(m) <= MAX_ADDRESS_LEN for m in value)
+                or len(set(value)) != len(value)):
+            raise ProtocolError(f"{where} must be null or a list of 1 to {MAX_MEMBERS} distinct node addresses")
+        return tuple(value)
+    if field == "cluster":
+        if not isinstance(value, str) or len(value) > MAX_CLUSTER_ID_LEN:
+            raise ProtocolError(f"{where} must be a cluster id string")
         return value
     raise ProtocolError(f"{where}: unexpected field")  # pragma: no cover - fields are fixed above

@@ -44,17 +44,20 @@ from .clock import NAME as CLOCK_NAME
 from .clock import lease_clock
 from .config import Timing
 from .election import (
+    ClusterMismatch,
     Committed,
     Election,
     Envelope,
+    LearnerDropped,
     LeaseAcquired,
+    MembersChanged,
     Ready,
     Role,
     RoleChanged,
     SteppedDown,
     VoteRefused,
 )
-from .errors import ClusterError, TransferError
+from .errors import ClusterError, MembershipError, TransferError
 from .messages import AppendResponse, HardState, Message, Version, VoteResponse
 from .state_file import StateFile
 from .stats import NodeStats
@@ -144,9 +147,13 @@ class Node:
         lease_sink: LeaseSink | None = None,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = lease_clock,
+        join: bool = False,
     ) -> None:
+        """``members``: the static list (``--cluster-nodes``), the bootstrap configuration of
+        a new cluster; once the state file holds a replicated configuration, that wins.
+        ``join``: start with no configuration and wait to be added (``--cluster-join``)."""
         self.id = node_id
-        self.members = members
+        self.static_members = members
         self.timing = timing
         self.transport = transport
         self.state_file = state_file
@@ -170,6 +177,7 @@ class Node:
         self._running = False
         self._stopping = False  # stop() is handing over: still answering, no second stop()
         self._stopped = False
+        self._ended = threading.Event()  # set by stop() and by a fail-stop
         self._timer_deadline = -math.inf  # what the timer thread sleeps towards
         self._threads: list[threading.Thread] = []
         #: Counters and histograms for metrics (``celery_cluster.metrics`` reads them).
@@ -177,6 +185,10 @@ class Node:
         #: The latest transitions (the JSON log records), for the status page.
         self.transitions: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_TRANSITIONS)
         self._last_leader: str | None = None
+        self._dropped_learners: dict[str, str] = {}  # node -> why the leader gave it up
+        self._mismatch_logged: dict[str, float] = {}  # sender -> when we last said so
+        #: Addresses this node talks to besides its configuration (join seeds, a leader found).
+        self.contacts: set[str] = set()
         state = state_file.load() if state_file is not None else None
         self.core = Election(
             node_id,
@@ -186,8 +198,29 @@ class Node:
             heartbeat_interval=timing.heartbeat_interval,
             max_clock_drift=timing.max_clock_drift,
             state=state or HardState(),
+            join=join and not (state and state.members),
         )
         self._campaign_term = self.core.term  # a campaign before a restart is not counted again
+        if self.core.replicated and members and set(members) != set(self.core.members):
+            self.log.warning(
+                "[cluster] %s: --cluster-nodes lists %s, but the replicated configuration (saved in the state "
+                "file) is %s: using the replicated one; change members with `cluster add|remove`, not the list",
+                node_id, ",".join(members), ",".join(self.core.members))
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The voting members this node uses now (the latest configuration it holds)."""
+        return self.core.members
+
+    def knows(self, address: str) -> bool:
+        """Whether ``address`` may send us RPCs: a member, a learner being added, an address
+        of the static list, a join seed or the leader we follow."""
+        c = self.core
+        if address != self.id and not c.replicated and not self.static_members:
+            return True  # joining: the leader that adds us may be none of our seeds (a secret authenticates it)
+        return address != self.id and (address in c.members or address in c.learners
+                                       or address in self.static_members or address in self.contacts
+                                       or address in (c.leader_id, c.contact_leader))
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -215,6 +248,7 @@ class Node:
             self._running = False
             self._timer_deadline = math.inf
             self._wake.notify_all()
+            self._ended.set()
         self.transport.flush(timeout / 2)
         self._callbacks.put(None)
         for t in self._threads:
@@ -225,6 +259,10 @@ class Node:
     @property
     def stopped(self) -> bool:
         return self._stopped
+
+    def wait_stopped(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the node to stop (or fail-stop); True if it did."""
+        return self._ended.wait(timeout)
 
     # -- inputs from the transport ----------------------------------------------
 
@@ -358,6 +396,56 @@ class Node:
                     return False
                 self._committed.wait(left)
 
+    # -- membership -------------------------------------------------------------
+
+    def add_member(self, node: str, timeout: float) -> tuple[str, ...]:
+        """Leader only: catch ``node`` up as a learner, add it, and wait until a majority of the
+        new configuration holds it. Returns the members. Raises :class:`MembershipError`
+        (or :class:`~celery_cluster.election.NotLeader`) with nothing changed when refused."""
+        deadline = self.clock() + timeout
+        with self._lock:
+            self._check_running()
+            self._dropped_learners.pop(node, None)
+            self._handle(self.core.add_member(node, self.clock()))
+            term = self.core.term
+            while True:
+                c = self.core
+                if node in c.members and c.commit_version >= c.config_version:
+                    return c.members
+                if node in self._dropped_learners:
+                    why = {"no_answer": "did not answer", "not_caught_up": "did not catch up"}.get(
+                        self._dropped_learners.pop(node), "was given up")
+                    raise MembershipError(f"{node} {why} within {c.learner_timeout:g} s: not added; is it running "
+                                          "with --cluster-join and reachable from the leader?")
+                if c.role is not Role.LEADER or c.term != term:
+                    raise MembershipError(f"leadership moved while adding {node}; ask the new leader "
+                                          f"({c.leader_id or 'not known yet'})")
+                left = deadline - self.clock()
+                if left <= 0:
+                    raise MembershipError(f"adding {node} is still in progress after {timeout:.0f} s")
+                self._committed.wait(left)
+
+    def remove_member(self, node: str, timeout: float) -> tuple[str, ...]:
+        """Leader only: remove ``node`` (this node too: it hands over once that is committed)
+        and wait until a majority of the new configuration holds the change."""
+        deadline = self.clock() + timeout
+        with self._lock:
+            self._check_running()
+            version, ready = self.core.remove_member(node, self.clock())
+            self._handle(ready)
+            while True:
+                c = self.core
+                if c.commit_version >= version:
+                    return c.members
+                if c.term != version[0] or (c.role is not Role.LEADER and c.voter):
+                    raise MembershipError(f"leadership moved while removing {node}: the change may or may not "
+                                          f"have been committed; check the members on the new leader "
+                                          f"({c.leader_id or 'not known yet'})")
+                left = deadline - self.clock()
+                if left <= 0:
+                    raise MembershipError(f"removing {node} is not committed after {timeout:.0f} s")
+                self._committed.wait(left)
+
     @property
     def payload(self) -> tuple[Version, str]:
         with self._lock:
@@ -393,6 +481,10 @@ class Node:
                                       if c.contact_leader is not None and c.role is not Role.LEADER else None),
                 "clock": CLOCK_NAME,
                 "payload_version": list(c.version),
+                "members": list(c.members),
+                "config_version": list(c.config_version),
+                "learners": sorted(c.learners) if c.role is Role.LEADER else [],
+                "voter": c.voter,
                 "failure": str(self.failure) if self.failure is not None else None,
                 "recent_transitions": [
                     {k: t[k] for k in ("ts", "event", "term", "leader_id", "reason") if k in t}
@@ -403,7 +495,7 @@ class Node:
                         "address": p,
                         "last_contact_ms": round((now - c.last_heard[p]) * 1000, 1) if p in c.last_heard else None,
                     }
-                    for p in c.peers
+                    for p in (*c.peers, *(sorted(c.learners) if c.role is Role.LEADER else ()))
                 ],
             }
 
@@ -499,6 +591,7 @@ class Node:
         self._wake.notify_all()
         self._committed.notify_all()
         self._drained.notify_all()
+        self._ended.set()
         self._callbacks.put(("failed", exc))
 
     def _on_event(self, ev: object) -> None:
@@ -524,6 +617,24 @@ class Node:
             self._drained.notify_all()
         elif isinstance(ev, Committed):
             self._committed.notify_all()
+        elif isinstance(ev, MembersChanged):
+            self.log.info("[cluster] %s: members are now %s (version %s.%s)%s", self.id, ",".join(ev.members),
+                          *ev.version, "" if self.id in ev.members else "; this node is not one of them: it "
+                          "will never campaign (stop it, or add it back)")
+            self._committed.notify_all()
+        elif isinstance(ev, LearnerDropped):
+            self._dropped_learners[ev.node] = ev.reason
+            self.log.warning("[cluster] gave up adding %s: %s", ev.node, ev.reason.replace("_", " "))
+            self._committed.notify_all()
+        elif isinstance(ev, ClusterMismatch):
+            now = self.clock()
+            if now - self._mismatch_logged.get(ev.sender, -math.inf) >= 60:
+                self._mismatch_logged[ev.sender] = now
+                self.log.warning(
+                    "[cluster] ignoring %s: it belongs to another cluster (id %s; ours is %s, members %s). "
+                    "A node started with a different --cluster-nodes list never joins this one: start it with "
+                    "--cluster-join and add it with `cluster add`", ev.sender, ev.theirs or "none (joining)",
+                    ev.ours or "none yet", ",".join(self.core.members) or "none yet")
         elif isinstance(ev, VoteRefused):
             self.log.debug("[cluster] refused %s %s for term %s: %s", ev.candidate,
                            "a pre-vote" if ev.prevote else "a vote", ev.term, ev.reason)

@@ -41,3 +41,21 @@ def cluster_stepdown(state: Any, to: str | None = None, **kwargs: Any) -> dict[s
     except ClusterError as exc:  # TransferError: nobody reachable; ConfigurationError: a bad --to
         return {"enabled": True, "leader": True, "id": step.cluster.id, "error": str(exc)}
     return {"enabled": True, "leader": True, "id": step.cluster.id, "transferred_to": target}
+
+
+@control_command(args=[("op", str), ("address", str)], signature="<add|remove> <HOST:PORT>")
+def cluster_members(state: Any, op: str = "", address: str = "", **kwargs: Any) -> dict[str, Any]:
+    """If this worker leads: start adding or removing ``address`` (one server at a time). The
+    change runs off the consumer's thread; ``cluster_status`` shows it as ``member_change``."""
+    step = _step(state)
+    if step is None:
+        return {"enabled": False}
+    if not step.cluster.is_leader():
+        return {"enabled": True, "leader": False, "id": step.cluster.id}
+    if op not in ("add", "remove"):
+        return {"enabled": True, "leader": True, "id": step.cluster.id, "error": f"unknown operation {op!r}"}
+    try:
+        step.change_members(op, address)
+    except ClusterError as exc:  # ConfigurationError: not HOST:PORT
+        return {"enabled": True, "leader": True, "id": step.cluster.id, "error": str(exc)}
+    return {"enabled": True, "leader": True, "id": step.cluster.id, "started": op, "address": address}

@@ -22,6 +22,7 @@ from .config import (
     Timing,
     format_range,
     parse_address,
+    parse_nodes,
 )
 from .errors import ConfigurationError
 from .tls import TLSConfig
@@ -30,7 +31,11 @@ DEFAULT_LEADER_QUEUE = "celery_cluster.leader"
 
 #: name -> (help text, default)
 OPTIONS: dict[str, tuple[str, Any]] = {
-    "nodes": ("Comma-separated HOST:PORT of every cluster member, this worker included.", None),
+    "nodes": ("Comma-separated HOST:PORT of every cluster member, this worker included: the bootstrap list of "
+              "a new cluster (once the configuration is replicated, members change with `cluster add|remove`).",
+              None),
+    "join": ("Comma-separated HOST:PORT of members to ask to add this worker to a running cluster (a new "
+             "member: it starts with no configuration unless --cluster-nodes lists it).", None),
     "listen": ("HOST:PORT this worker serves the /cluster routes on.", None),
     "advertise": ("HOST:PORT peers reach this worker at (default: --cluster-listen).", None),
     "secret_file": ("File holding the shared HMAC secret for peer requests.", None),
@@ -65,6 +70,8 @@ class ClusterSettings:
     tls: TLSConfig | None
     leader_queue: str
     beat: bool
+    #: Members to ask to add this worker (``--cluster-join``); empty unless it joins.
+    join: tuple[str, ...] = ()
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -131,13 +138,21 @@ def leader_queue(conf: Any, cli: Mapping[str, Any] | None = None, env: Mapping[s
 def resolve(conf: Any, cli: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> ClusterSettings | None:
     """The effective settings, or None when no nodes are configured (the step stays off)."""
     raw = {name: _raw(name, cli, conf, env) for name in OPTIONS}
-    if not raw["nodes"]:
+    if not raw["nodes"] and not raw["join"]:
         return None
     listen = parse_address(raw["listen"]) if raw["listen"] else None
     advertise = raw["advertise"] or listen
     if not advertise:
-        raise ConfigurationError("--cluster-nodes is set but neither --cluster-listen nor --cluster-advertise is")
-    membership = Membership.parse(raw["nodes"], advertise)
+        given = "--cluster-nodes" if raw["nodes"] else "--cluster-join"
+        raise ConfigurationError(f"{given} is set but neither --cluster-listen nor --cluster-advertise is")
+    join = parse_nodes(raw["join"]) if raw["join"] else ()
+    me = parse_address(advertise)
+    if join and (not raw["nodes"] or me not in parse_nodes(raw["nodes"])):
+        # A new member: no configuration of its own; --cluster-nodes (if any) names contacts only.
+        membership = Membership((), me)
+    else:
+        membership = Membership.parse(raw["nodes"], advertise)
+        join = ()
     heartbeat = raw["heartbeat_interval"]
     if isinstance(heartbeat, str):
         try:
@@ -156,4 +171,5 @@ def resolve(conf: Any, cli: Mapping[str, Any], env: Mapping[str, str] = os.envir
         tls=TLSConfig.from_options(raw["tls_cert"], raw["tls_key"], raw["tls_ca"]),
         leader_queue=leader_queue(conf, cli, env),
         beat=parse_bool("--cluster-beat", raw["beat"], True),
+        join=join,
     )

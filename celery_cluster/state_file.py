@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StateFileError
-from .messages import MAX_NUMBER, HardState
+from .messages import MAX_ADDRESS_LEN, MAX_CLUSTER_ID_LEN, MAX_MEMBERS, MAX_NUMBER, HardState
 
 FORMAT = "celery-cluster-state"
 FORMAT_VERSION = 1
 _FILE_NAME = "state.json"
 _FIELDS = frozenset({"format", "format_version", "node", "term", "voted_for", "payload_version", "payload"})
+#: The replicated configuration: written by releases with membership changes, absent from older files
+#: (those nodes bootstrap from --cluster-nodes, as before).
+_CONFIG_FIELDS = frozenset({"members", "config_version", "cluster"})
 _CORRUPT_ADVICE = (
     "refusing to start: a reset could vote twice in a term; restore the file or remove it deliberately"
 )
@@ -51,6 +54,17 @@ def _field_problem(doc: dict[str, Any]) -> str | None:
     payload = doc.get("payload")
     if payload is not None and not isinstance(payload, str):
         return "'payload' must be null or a string"
+    if "members" in doc:
+        members = doc.get("members")
+        if (not isinstance(members, list) or len(members) > MAX_MEMBERS or len(set(map(str, members))) != len(members)
+                or not all(isinstance(m, str) and 0 < len(m) <= MAX_ADDRESS_LEN for m in members)):
+            return f"'members' must be a list of at most {MAX_MEMBERS} distinct node addresses"
+        config = doc.get("config_version")
+        if not isinstance(config, list) or len(config) != 2 or not all(_is_count(n) for n in config):
+            return "'config_version' must be [term, sequence] with integers from 0 to 2**53"
+        cluster = doc.get("cluster")
+        if not isinstance(cluster, str) or len(cluster) > MAX_CLUSTER_ID_LEN or bool(cluster) != bool(members):
+            return "'cluster' must be the cluster id string (empty only with no members)"
     return None
 
 
@@ -130,7 +144,9 @@ class StateFile:
         fields = {k: v for k, v in doc.items() if k != "checksum"}
         if doc.get("checksum") != _checksum(fields):
             raise corrupt("checksum mismatch")
-        missing, unknown = _FIELDS - set(fields), set(fields) - _FIELDS
+        present_config = _CONFIG_FIELDS & set(fields)
+        missing = (_FIELDS | (_CONFIG_FIELDS if present_config else frozenset())) - set(fields)
+        unknown = set(fields) - _FIELDS - _CONFIG_FIELDS
         if missing or unknown:
             what = [f"missing {', '.join(sorted(missing))}"] if missing else []
             what += [f"unexpected {', '.join(sorted(unknown))}"] if unknown else []
@@ -144,11 +160,15 @@ class StateFile:
         if problem:
             raise corrupt(problem)
         term, sequence = doc["payload_version"]
+        config_term, config_sequence = doc.get("config_version", (0, 0))
         return HardState(
             term=doc["term"],
             voted_for=doc["voted_for"],
             payload_version=(term, sequence),
             payload=doc["payload"],
+            members=tuple(doc.get("members", ())),
+            config_version=(config_term, config_sequence),
+            cluster=doc.get("cluster", ""),
         )
 
     def save(self, state: HardState) -> None:
@@ -168,6 +188,9 @@ class StateFile:
             "payload_version": list(state.payload_version),
             "payload": state.payload,
         }
+        if state.members:  # a replicated configuration (files without one read as before)
+            fields.update(members=list(state.members), config_version=list(state.config_version),
+                          cluster=state.cluster)
         # Never write what load() would refuse: that would stop the node at its next start.
         problem = _field_problem(fields)
         if problem:

@@ -34,6 +34,7 @@ are all shown and the command exits with status 3.
 from __future__ import annotations
 
 import json as _json
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -46,6 +47,9 @@ from celery.bin.base import (
     handle_remote_command_error,
 )
 from celery.exceptions import CeleryCommandException
+
+from .config import parse_address
+from .errors import ConfigurationError
 
 INSPECT_COMMAND = "cluster_status"
 EXIT_NO_REPLY = 1
@@ -199,6 +203,12 @@ def summary(replies: Mapping[str, Any]) -> str:
     names = {str(r.get("id")): w for w, r in replies.items() if isinstance(r, dict) and r.get("id")}
     parts = [f"{names.get(addr, '?')} ({addr}), term {view.get('term')}" for addr, view in sorted(leaders.items())]
     text = f"{head}; leader: " + "; ".join(parts)
+    for view in leaders.values():
+        if view.get("members"):
+            version = ".".join(str(n) for n in view.get("config_version") or ())
+            text += f"\nmembers (version {version}): " + ", ".join(view["members"])
+            if view.get("learners"):
+                text += " (being added: " + ", ".join(view["learners"]) + ")"
     problems = beat_problems(replies)
     if problems:
         text += "\nWARNING: leader has no running beat (the schedule is not being sent): " + "; ".join(problems)
@@ -298,5 +308,70 @@ def stepdown(ctx: click.Context, to: str | None, timeout: float, **kwargs: Any) 
         ctx.exit(EXIT_NO_REPLY)
 
 
-__all__ = ["cluster", "status", "stepdown", "request_status", "build_rows", "format_table", "summary", "beat_problems",
-           "duplicate_names", "refusal_problems"]
+def _change_members(ctx: click.Context, op: str, address: str, timeout: float) -> None:
+    app = ctx.obj.app
+    what = f"cluster {op}"
+    try:
+        address = parse_address(address)
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        replies = app.control.broadcast("cluster_members", arguments={"op": op, "address": address}, reply=True,
+                                        timeout=1.0)
+    except Exception as exc:  # noqa: BLE001 - broker errors become a clean CLI error
+        handle_remote_command_error(what, exc)
+    leaders = [(worker, r) for item in replies or () for worker, r in item.items()
+               if isinstance(r, dict) and r.get("leader")]
+    if not leaders:
+        raise CeleryCommandException(
+            message="No worker answered as the cluster leader within 1s (is there a leader? "
+                    "see `celery -A proj cluster status`)", exit_code=EXIT_NO_REPLY)
+    worker, r = leaders[0]
+    if r.get("error"):
+        raise CeleryCommandException(message=f"{worker} ({r.get('id')}) refused to {op} {address}: {r['error']}",
+                                     exit_code=EXIT_NO_REPLY)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            reply = request_status(app, timeout=1.0, destination=[worker]).get(worker) or {}
+        except Exception as exc:  # noqa: BLE001
+            handle_remote_command_error(what, exc)
+        change = reply.get("member_change") or {}
+        if change.get("address") != address:
+            pass  # not started yet (the thread runs on the leader)
+        elif change.get("state") == "failed":
+            raise CeleryCommandException(message=f"{worker} ({r.get('id')}) could not {op} {address}: "
+                                                 f"{change.get('error')}", exit_code=EXIT_NO_REPLY)
+        elif change.get("state") == "done":
+            ctx.obj.echo(f"{'added' if op == 'add' else 'removed'} {change['address']}; members are now "
+                         + ", ".join(change.get("members") or []))
+            return
+        time.sleep(0.2)  # polling the leader's status through the broker
+    raise CeleryCommandException(message=f"the {op} of {address} did not finish within {timeout:g}s; "
+                                         "see `celery -A proj cluster status`", exit_code=EXIT_NO_REPLY)
+
+
+@cluster.command(name="add", cls=CeleryCommand)
+@click.argument("address")
+@click.option("-t", "--timeout", cls=CeleryOption, type=float, default=40.0, show_default=True,
+              help_group="Remote Control Options", help="Seconds to wait for the change to be committed.")
+@click.pass_context
+@handle_preload_options
+def add(ctx: click.Context, address: str, timeout: float, **kwargs: Any) -> None:
+    """Add the worker at HOST:PORT (started with --cluster-join) as a member."""
+    _change_members(ctx, "add", address, timeout)
+
+
+@cluster.command(name="remove", cls=CeleryCommand)
+@click.argument("address")
+@click.option("-t", "--timeout", cls=CeleryOption, type=float, default=40.0, show_default=True,
+              help_group="Remote Control Options", help="Seconds to wait for the change to be committed.")
+@click.pass_context
+@handle_preload_options
+def remove(ctx: click.Context, address: str, timeout: float, **kwargs: Any) -> None:
+    """Remove the member at HOST:PORT (before scaling a worker away for good)."""
+    _change_members(ctx, "remove", address, timeout)
+
+
+__all__ = ["cluster", "status", "stepdown", "add", "remove", "request_status", "build_rows", "format_table",
+           "summary", "beat_problems", "duplicate_names", "refusal_problems"]

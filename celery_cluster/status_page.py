@@ -39,21 +39,28 @@ def fetch_status(session: requests.Session, address: str, scheme: str = "http") 
 class Overview:
     """Builds the overview of one node's cluster."""
 
-    def __init__(self, node_id: str, members: tuple[str, ...], local_status: Callable[[], dict[str, Any]],
+    def __init__(self, node_id: str, members: tuple[str, ...] | Callable[[], tuple[str, ...]],
+                 local_status: Callable[[], dict[str, Any]],
                  session_factory: Callable[[], requests.Session] | None = None, scheme: str = "http") -> None:
         self.node_id = node_id
-        self.members = members
+        #: The members to ask: a fixed tuple, or a callable (the configuration changes over time).
+        self._members = members
         self.local_status = local_status
         self.scheme = scheme
         self._session_factory = session_factory or _plain_session
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, len(members) - 1),
-                                                           thread_name_prefix="celery-cluster-overview")
+        self._pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="celery-cluster-overview")
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        members = self._members() if callable(self._members) else self._members
+        return members if self.node_id in members else (*members, self.node_id)
 
     def __call__(self) -> dict[str, Any]:
         started = time.monotonic()
         session = self._session_factory()
+        members = self.members
         try:
-            others = [m for m in self.members if m != self.node_id]
+            others = [m for m in members if m != self.node_id]
             futures = {m: self._pool.submit(fetch_status, session, m, self.scheme) for m in others}
             statuses: dict[str, dict[str, Any] | None] = {self.node_id: self.local_status()}
             for member, future in futures.items():
@@ -61,10 +68,10 @@ class Overview:
         finally:
             session.close()
         nodes: list[dict[str, Any]] = []
-        for member in self.members:
+        for member in members:
             st = statuses.get(member)
             nodes.append({"address": member, "reachable": st is not None, "status": st})
-        leaders = sorted(member for member in self.members if (statuses.get(member) or {}).get("is_leader"))
+        leaders = sorted(member for member in members if (statuses.get(member) or {}).get("is_leader"))
         return {"served_by": self.node_id, "nodes": nodes, "leaders": leaders,
                 "took_ms": round((time.monotonic() - started) * 1000, 1)}
 

@@ -47,7 +47,7 @@ from . import leader_state, signals, task_counts
 from .beat import LeaderBeat
 from .clock import lease_clock
 from .cluster import Cluster
-from .config import default_state_dir
+from .config import default_state_dir, parse_address
 from .errors import ClusterError
 from .leader_tasks import LeaderQueueRouter, is_leader_only, leader_queue_name, mark_task
 from .metrics import counter, gauge
@@ -163,6 +163,7 @@ class ClusterStep(bootsteps.StartStopStep):
         self.app: Celery = worker.app
         self.worker = worker
         self.cluster: Cluster | None = None
+        self._member_change: dict[str, Any] | None = None  # the latest `cluster add|remove` on this worker
         self.beat: LeaderBeat | None = None
         self.leading_term: int | None = None
         self.consuming_leader_queue = False
@@ -245,6 +246,7 @@ class ClusterStep(bootsteps.StartStopStep):
             secret_file=self.settings.secret_file,
             tls=self.settings.tls,
             clock=self.clock,
+            join=self.settings.join or None,
         )
         cluster.status_extras = self._status_extras
         cluster.health_extras = self._health_extras
@@ -420,4 +422,24 @@ class ClusterStep(bootsteps.StartStopStep):
     def status(self) -> dict[str, Any]:
         """The cluster status plus beat and leader-queue state (also on GET /cluster/status)."""
         assert self.cluster is not None
-        return self.cluster.status()
+        return {**self.cluster.status(), "member_change": dict(self._member_change) if self._member_change else None}
+
+    def change_members(self, op: str, address: str) -> None:
+        """Start ``op`` (add/remove) ``address`` on this leader, off the consumer's thread (a
+        remote-control command must not block it); its outcome shows in :meth:`status` as
+        ``member_change``. Raises ClusterError at once for a bad address."""
+        assert self.cluster is not None
+        cluster = self.cluster
+        address = parse_address(address)
+        change: dict[str, Any] = {"op": op, "address": address, "state": "running", "error": None, "members": None}
+        self._member_change = change
+
+        def run() -> None:
+            try:
+                fn = cluster.add_member if op == "add" else cluster.remove_member
+                change["members"] = list(fn(address))
+                change["state"] = "done"
+            except ClusterError as exc:
+                change.update(state="failed", error=str(exc))
+
+        threading.Thread(target=run, name="celery-cluster-members", daemon=True).start()

@@ -16,7 +16,14 @@ After every event the safety invariants are checked:
 * at most one leader per term;
 * ``is_leader(local now)`` true on at most one node at any real instant;
 * no node grants two different votes in one term, restarts included;
-* every new leader holds every committed payload.
+* every new leader holds every committed payload;
+* membership: every new leader started from a version at least the highest
+  committed one (configuration included); no two states share a version; a
+  leader changes its configuration one server at a time.
+
+Nodes can be added while it runs (:meth:`Sim.add_node`, started to join, with no
+configuration) and restarted with another static member list
+(:meth:`Sim.set_static`): the list is then only a bootstrap list.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from celery_cluster.election import (
     Committed,
     Election,
     LeaseAcquired,
+    MembersChanged,
     Ready,
     Role,
     RoleChanged,
@@ -82,6 +90,9 @@ class SimNode:
     rng: random.Random | None = None
     backlog: list[Any] = field(default_factory=list)  # messages that arrived while paused
     writes_left: int | None = None  # the disk fails on the write after this many more
+    static: list[str] | None = None  # its --cluster-nodes list (None: the cluster's initial ids)
+    join: bool = False  # started with --cluster-join: no configuration until a leader adds it
+    last_members: tuple[str, ...] = ()
 
     def local(self, t: float) -> float:
         return self.offset + self.rate * t
@@ -106,6 +117,7 @@ class Sim:
     ) -> None:
         self.rng = random.Random(seed)
         self.ids = list(ids)
+        self.initial_ids = list(ids)
         self.timing = dict(election_timeout=election_timeout, heartbeat_interval=heartbeat_interval,
                            max_clock_drift=max_clock_drift)
         self.max_timeout = election_timeout[1]
@@ -129,6 +141,7 @@ class Sim:
         self.votes: dict[tuple[str, int], str] = {}
         self.payload_of: dict[tuple[int, int], str | None] = {}
         self.max_committed: tuple[tuple[int, int], str | None] = ((0, 0), None)
+        self.state_at: dict[tuple[int, int], tuple[str, tuple[str, ...]]] = {}  # version -> (payload, members)
         self.events: list[tuple[float, str, Any]] = []
         self.on_event: Callable[[str, Any], None] | None = None
         for i in ids:
@@ -139,9 +152,24 @@ class Sim:
     def start(self, node_id: str) -> None:
         n = self.nodes[node_id]
         rng = n.rng or random.Random(self.rng.getrandbits(64))
-        n.core = Election(node_id, self.ids, now=n.local(self.t), state=n.disk, rng=rng, **self.timing)
+        static = n.static if n.static is not None else self.initial_ids
+        n.core = Election(node_id, static, now=n.local(self.t), state=n.disk, rng=rng, join=n.join, **self.timing)
+        n.last_members = n.core.members
         n.backlog.clear()
         self._schedule_tick(n)
+
+    def add_node(self, node_id: str, *, join: bool = True, static: list[str] | None = None) -> None:
+        """A new node, started to join (no configuration) or with its own static list."""
+        assert node_id not in self.nodes, f"{node_id} exists"
+        self.ids.append(node_id)
+        self.nodes[node_id] = SimNode(node_id, offset=self.rng.uniform(0, 1000), join=join, static=static)
+        self.start(node_id)
+
+    def set_static(self, node_id: str, static: list[str]) -> None:
+        """Restart ``node_id`` with another static member list (a rolling edit of --cluster-nodes)."""
+        n = self.nodes[node_id]
+        n.static, n.join = list(static), False
+        self.restart(node_id)
 
     def crash(self, node_id: str) -> None:
         n = self.nodes[node_id]
@@ -171,7 +199,8 @@ class Sim:
         n = self.nodes[node_id]
         d = n.disk
         n.disk = HardState(changes.get("term", d.term), changes.get("voted_for", d.voted_for),
-                           changes.get("payload_version", d.payload_version), changes.get("payload", d.payload))
+                           changes.get("payload_version", d.payload_version), changes.get("payload", d.payload),
+                           d.members, d.config_version, d.cluster)
         self.restart(node_id)
 
     # -- network faults -------------------------------------------------------
@@ -289,6 +318,12 @@ class Sim:
             n.disk = ready.hard_state  # persisted before anything is sent
         if core.role is Role.LEADER:
             self.payload_of.setdefault(core.version, core.payload)
+        if core.replicated:
+            state = (core.payload, core.members)
+            prior_state = self.state_at.setdefault(core.version, state)
+            if prior_state != state:
+                raise InvariantViolation(f"{n.id} holds version {core.version} as {state}, "
+                                         f"another node as {prior_state}")
         for env in ready.messages:
             m = env.msg
             if isinstance(m, VoteResponse) and m.granted and not m.prevote:
@@ -307,10 +342,19 @@ class Sim:
                 if prior != n.id:
                     raise InvariantViolation(f"two leaders in term {ev.term}: {prior} and {n.id}")
                 self._check_new_leader_payload(n.id, core.payload)
+                if core.elected_with < self.max_committed[0]:
+                    raise InvariantViolation(f"new leader {n.id} started from version {core.elected_with}, "
+                                             f"older than the committed {self.max_committed[0]}")
+            elif isinstance(ev, MembersChanged) and core.role is Role.LEADER and ev.version[0] == core.term:
+                if len(set(ev.members) ^ set(n.last_members)) != 1:
+                    raise InvariantViolation(f"leader {n.id} changed its configuration from {n.last_members} "
+                                             f"to {ev.members}: not one server")
             elif isinstance(ev, Committed):
                 payload = self.payload_of.get(ev.version)
                 if ev.version > self.max_committed[0]:
                     self.max_committed = (ev.version, payload)
+        if n.core is not None:
+            n.last_members = n.core.members
         self._schedule_tick(n)
 
     def _check_new_leader_payload(self, node_id: str, payload: str | None) -> None:
@@ -322,6 +366,8 @@ class Sim:
                 f"new leader {node_id} holds payload {payload!r}, older than committed {committed_payload!r}")
 
     def _send(self, src: str, dst: str, msg: Any) -> None:
+        if dst not in self.nodes:
+            return  # an address where nothing runs
         if (src, dst) in self.blocked or self.rng.random() < self.drop:
             return
         copies = 2 if self.rng.random() < self.dup else 1

@@ -32,6 +32,10 @@ Driving the cluster::
                                     fail-stops (sends nothing of that step, goes down);
                                     'restart n2' brings it back on what it had saved
     retire n1                       n1 shuts down: keeps voting, never campaigns or leads again
+    join n4 [n5..]                  start new nodes with --cluster-join (no configuration)
+    add n1 n4 [fails TEXT]          leader n1 adds n4 (a learner first, a member once caught up)
+    remove n1 n3 [fails TEXT]       leader n1 removes n3 (itself too)
+    static n3 n1 n2 n3 n4           restart n3 with this --cluster-nodes list (start it if new)
     propose n1 [fails TEXT]         the leader replaces the payload with "p<term>.<seq>"
     transfer n1 [to n2] [fails TEXT]  leadership transfer (TimeoutNow)
     set-term n3 7                   rewrite n3's persisted term, restart it
@@ -50,7 +54,9 @@ Expectations (``none`` means "nobody"; versions are written term.seq, e.g. 2.3):
     expect event n1 [none] KIND [k=v..]
                                     KIND: a role (RoleChanged), lease (LeaseAcquired),
                                     stepped-down, committed, refused (VoteRefused: a vote
-                                    or pre-vote refused, with its reason). Events are consumed in order:
+                                    or pre-vote refused, with its reason), members
+                                    (MembersChanged), learner-dropped, mismatch
+                                    (ClusterMismatch). Events are consumed in order:
                                     a match moves n1's cursor past it; 'none' checks every
                                     event since the cursor and moves it to the end.
     expect sent n2 -> n1 [none] Type [k=v..]
@@ -60,6 +66,7 @@ Expectations (``none`` means "nobody"; versions are written term.seq, e.g. 2.3):
     expect payload n2 n3 = p2.3     payload held in memory (or on disk when down)
     expect version n2 n3 = 2.3      same for the payload version
     expect transfer-target n3       whom the last 'transfer' picked
+    expect members n1 n2 = n1 n2 n3 the configuration each holds (in order)
     expect handover n1 -> n2        n2's latest election came after the end of the lease n1
                                     gave up in its latest stepped-down event (real time)
 """
@@ -74,7 +81,18 @@ from typing import Any
 import pytest
 
 from celery_cluster import messages
-from celery_cluster.election import Committed, Election, LeaseAcquired, Role, RoleChanged, SteppedDown, VoteRefused
+from celery_cluster.election import (
+    ClusterMismatch,
+    Committed,
+    Election,
+    LearnerDropped,
+    LeaseAcquired,
+    MembersChanged,
+    Role,
+    RoleChanged,
+    SteppedDown,
+    VoteRefused,
+)
 from tests.simnet import FailStop, FixedTimeout, Sim, propose_next
 
 DATA = Path(__file__).parent / "testdata"
@@ -130,7 +148,8 @@ def event_kind(ev: Any) -> str:
     if isinstance(ev, RoleChanged):
         return ev.role.value.replace("_", "-")
     return {LeaseAcquired: "lease", SteppedDown: "stepped-down", Committed: "committed",
-            VoteRefused: "refused", FailStop: "fail-stop"}[type(ev)]
+            VoteRefused: "refused", FailStop: "fail-stop", MembersChanged: "members",
+            LearnerDropped: "learner-dropped", ClusterMismatch: "mismatch"}[type(ev)]
 
 
 def matches(obj: Any, want: dict[str, Any]) -> bool:
@@ -141,12 +160,16 @@ def matches(obj: Any, want: dict[str, Any]) -> bool:
         got = getattr(obj, k)
         if isinstance(got, Role):
             got = got.value.replace("_", "-")
+        elif isinstance(got, tuple) and got and isinstance(got[0], str):
+            got = ",".join(got)  # members
         if got != v:
             return False
     return True
 
 
 def fmt(v: Any) -> str:
+    if isinstance(v, tuple) and v and isinstance(v[0], str):
+        return ",".join(v)  # members
     if isinstance(v, tuple):
         return f"{v[0]}.{v[1]}"
     if v is None or isinstance(v, bool):
@@ -156,7 +179,8 @@ def fmt(v: Any) -> str:
 
 def show(obj: Any) -> str:
     """One event or message, written the way a transcript would match it."""
-    if isinstance(obj, (RoleChanged, LeaseAcquired, SteppedDown, Committed, VoteRefused, FailStop)):
+    if isinstance(obj, (RoleChanged, LeaseAcquired, SteppedDown, Committed, VoteRefused, FailStop, MembersChanged,
+                        LearnerDropped, ClusterMismatch)):
         detail = {("leader" if k == "leader_id" else k): v for k, v in vars(obj).items()
                   if k not in ("role", "lease_until")}
         return f"{event_kind(obj)} " + " ".join(f"{k}={fmt(v)}" for k, v in detail.items())
@@ -250,7 +274,8 @@ class Scenario:
                 continue
             c = n.core
             rows.append(f"  {i}: {c.role.value} term={c.term} leader={c.leader_id} voted={c.voted_for} "
-                        f"lease={s.is_leader(i)} version={c.version[0]}.{c.version[1]} payload={c.payload!r}"
+                        f"lease={s.is_leader(i)} version={c.version[0]}.{c.version[1]} payload={c.payload!r} "
+                        f"members={','.join(c.members) or 'none'}"
                         + (" (paused)" if s.t < n.paused_until else ""))
         rows.append("  last events:")
         rows += [f"    {t:.4f} {node} {show(ev)}" for t, node, ev in s.events[-8:]]
@@ -371,6 +396,10 @@ class Scenario:
         cls = messages.MESSAGE_TYPES[kind]
         sender = next(f.name for f in fields(cls) if f.name in ("candidate", "voter", "leader", "follower"))
         kw.setdefault(sender, self.node(src))
+        if "members" in kw and isinstance(kw["members"], str):
+            kw["members"] = tuple(kw["members"].split(","))
+        receiver = self.s.nodes[self.node(dst)].core
+        kw.setdefault("cluster", receiver.cluster if receiver is not None else "")  # same cluster unless given
         try:
             msg = cls(**kw)
         except TypeError as e:
@@ -400,6 +429,28 @@ class Scenario:
         def go() -> None:
             self.transfer_target, _ = self.s.call(args[0], lambda c, now: c.transfer_leadership(now, target))
         self.expect_failure(go, args[1:])
+
+    def cmd_join(self, args: list[str]) -> None:
+        for a in args:
+            if a in self.s.nodes:
+                raise Failed(f"{a} exists")
+            self.s.add_node(a, join=True)
+
+    def cmd_add(self, args: list[str]) -> None:
+        self.live(args[0])
+        node = args[1]
+        self.expect_failure(lambda: self.s.call(args[0], lambda c, now: c.add_member(node, now)), args[2:])
+
+    def cmd_remove(self, args: list[str]) -> None:
+        self.live(args[0])
+        node = args[1]
+        self.expect_failure(lambda: self.s.call(args[0], lambda c, now: c.remove_member(node, now)), args[2:])
+
+    def cmd_static(self, args: list[str]) -> None:
+        if args[0] not in self.s.nodes:
+            self.s.add_node(args[0], join=False, static=args[1:])  # a new node with its own list
+        else:
+            self.s.set_static(args[0], args[1:])
 
     def cmd_set_term(self, args: list[str]) -> None:
         self.s.set_hard_state(self.node(args[0]), term=int(args[1]))
@@ -542,6 +593,20 @@ class Scenario:
         if elected[-1] < lease_end:
             raise Failed(f"{new} was elected at t={elected[-1]:.4f}, before {old}'s lease ended at t={lease_end:.4f}")
         print(f"{old}'s lease ended at t={lease_end:.4f}; {new} elected at t={elected[-1]:.4f}")
+
+    def expect_members(self, args: list[str]) -> None:
+        if "=" not in args:
+            raise Failed("expected 'NODE... = MEMBER...'")
+        i = args.index("=")
+        want = tuple(m for a in args[i + 1:] for m in a.split(",") if m)
+        got = {}
+        for name in self.nodes(args[:i]):
+            n = self.s.nodes[name]
+            got[name] = n.core.members if n.core is not None else n.disk.members
+        bad = {k: v for k, v in got.items() if v != want}
+        if bad:
+            raise Failed(f"expected members {','.join(want)}, but "
+                         + ", ".join(f"{k} holds {','.join(v) or 'none'}" for k, v in sorted(bad.items())))
 
     def expect_transfer_target(self, args: list[str]) -> None:
         if self.transfer_target != args[0]:

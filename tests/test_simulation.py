@@ -4,7 +4,9 @@ Each example draws a cluster size, clock rates within the drift bound and a
 list of faults (crash/restart, symmetric and one-way partitions, pauses,
 drop/duplicate/delay bursts, proposals, leadership transfers, a disk that
 fails on its Nth write - the node fail-stops and is restarted when the fault
-ends). The safety
+ends - and membership changes: a spare node started to join and added by the
+leader, removals of any member or of the leader itself, a node restarted with
+a different static list). The safety
 invariants are checked after every simulated event; at the end the network is
 healed and, after staying stable for 2x the maximum election timeout, exactly
 one node must hold the lease and keep it.
@@ -21,10 +23,18 @@ import os
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from celery_cluster.election import SteppedDown
+from celery_cluster.election import (
+    ClusterMismatch,
+    Committed,
+    LearnerDropped,
+    MembersChanged,
+    RoleChanged,
+    SteppedDown,
+)
+from celery_cluster.errors import ClusterError
 from tests.simnet import Sim, propose_next
 
 EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "1000"))
@@ -32,6 +42,7 @@ TIMEOUT = (1.0, 2.0)
 HEARTBEAT = 0.1
 DRIFT = 0.05
 FAULT_WINDOW = 12.0  # faults start within this many seconds
+SPARES = 2  # nodes outside the bootstrap list that membership faults may add
 
 
 def fault_strategy(n: int) -> st.SearchStrategy:
@@ -50,6 +61,9 @@ def fault_strategy(n: int) -> st.SearchStrategy:
         st.tuples(st.just("transfer"), at),
         st.tuples(st.just("higher_term"), at, node, st.integers(1, 5)),
         st.tuples(st.just("disk"), at, node, length, st.integers(0, 4)),
+        st.tuples(st.just("add"), at, st.integers(0, SPARES - 1)),
+        st.tuples(st.just("remove"), at, st.integers(0, n + SPARES)),  # n: the leader; above: spares
+        st.tuples(st.just("static"), at, node),
     )
 
 
@@ -67,7 +81,7 @@ def schedules(draw: st.DrawFn) -> dict:
     }
 
 
-def run_schedule(schedule: dict) -> None:
+def run_schedule(schedule: dict) -> dict[str, int]:
     n = schedule["n"]
     ids = [f"n{i}" for i in range(n)]
     sim = Sim(ids, seed=schedule["seed"], election_timeout=TIMEOUT, heartbeat_interval=HEARTBEAT,
@@ -99,13 +113,13 @@ def run_schedule(schedule: dict) -> None:
     sim.run_until(heal_at)
     # Heal everything, bring every node back, then let it settle.
     sim.heal()
-    for i in ids:
+    for i in sim.ids:
         sim.fix_disk(i)
-    for i in ids:
+    for i in sim.ids:
         if sim.nodes[i].core is None:
             sim.start(i)
     # Stable from the moment the last paused node resumes.
-    stable_from = max(sim.t, *(sim.nodes[i].paused_until for i in ids))
+    stable_from = max(sim.t, *(sim.nodes[i].paused_until for i in sim.ids))
     sim.run_until(stable_from + 2 * TIMEOUT[1])
     holders = sim.lease_holders()
     assert len(holders) == 1, f"no single leader {2 * TIMEOUT[1]} s after healing: {holders} at t={sim.t:.3f}"
@@ -115,6 +129,24 @@ def run_schedule(schedule: dict) -> None:
     assert sim.lease_holders() == [leader], f"leader {leader} did not stay: {sim.lease_holders()}"
     stepdowns = sum(1 for _, _, e in sim.events if isinstance(e, SteppedDown))
     assert stepdowns == stepdowns_before, "a leader stepped down on a healthy network"
+    return membership_counts(sim)
+
+
+def membership_counts(sim: Sim) -> dict[str, int]:
+    """What the schedule did to the configuration (make sim prints these as statistics)."""
+    leaders = {t: n for t, n in ((e.term, node) for _, node, e in sim.events
+                                 if isinstance(e, RoleChanged) and e.role.value == "leader")}
+    changes = {e.version: e.members for _, node, e in sim.events
+               if isinstance(e, MembersChanged) and leaders.get(e.version[0]) == node}
+    return {
+        "configuration changes": len(changes),
+        "committed changes": len({v for v in changes
+                                  if any(isinstance(e, Committed) and e.version >= v for _, _, e in sim.events)}),
+        "leader removed itself": sum(1 for _, _, e in sim.events
+                                     if isinstance(e, SteppedDown) and e.reason == "removed"),
+        "learners given up": sum(1 for _, _, e in sim.events if isinstance(e, LearnerDropped)),
+        "cluster mismatches": sum(1 for _, _, e in sim.events if isinstance(e, ClusterMismatch)),
+    }
 
 
 def resolve_leader(sim: Sim, ids: list[str], action: tuple) -> tuple:
@@ -124,7 +156,7 @@ def resolve_leader(sim: Sim, ids: list[str], action: tuple) -> tuple:
                    and sim.core(i).role.value == "leader"), 0)
     def fix(x):
         return leader if x == n else x
-    if action[0] in ("crash", "pause", "higher_term", "disk"):
+    if action[0] in ("crash", "pause", "higher_term", "disk", "remove", "static"):
         return (*action[:2], fix(action[2]), *action[3:])
     if action[0] in ("oneway", "cut", "slow"):
         return (*action[:2], (fix(action[2][0]), fix(action[2][1]), *action[2][2:]), *action[3:])
@@ -133,7 +165,7 @@ def resolve_leader(sim: Sim, ids: list[str], action: tuple) -> tuple:
 
 def apply_action(sim: Sim, ids: list[str], action: tuple) -> None:
     kind = action[0]
-    live = [i for i in ids if sim.nodes[i].core is not None and sim.t >= sim.nodes[i].paused_until]
+    live = [i for i in sim.ids if sim.nodes[i].core is not None and sim.t >= sim.nodes[i].paused_until]
     if kind == "crash":
         sim.crash(ids[action[2]])
     elif kind == "pause":
@@ -171,6 +203,31 @@ def apply_action(sim: Sim, ids: list[str], action: tuple) -> None:
         node = ids[action[2]]
         if sim.nodes[node].core is not None:
             sim.set_hard_state(node, term=sim.nodes[node].disk.term + action[3])
+    elif kind in ("add", "remove"):
+        spares = [f"s{k}" for k in range(SPARES)]
+        if kind == "add":
+            node = spares[action[2]]
+            if node not in sim.nodes:
+                sim.add_node(node, join=True)
+        else:
+            node = (ids + spares)[action[2]] if action[2] < len(ids) + SPARES else spares[-1]
+        for i in live:
+            if sim.core(i).role.value == "leader":
+                try:
+                    if kind == "add":
+                        sim.call(i, lambda c, now: c.add_member(node, now))
+                    else:
+                        sim.call(i, lambda c, now: c.remove_member(node, now))
+                except ClusterError:  # refused (pending change, no live majority...): nothing changed
+                    pass
+    elif kind == "static":
+        node = ids[action[2]]
+        # A rolling edit of --cluster-nodes (the bootstrap list plus the spares), or a stale list
+        # after membership changes: once a node holds a replicated configuration, neither matters.
+        # (Before that, a new list is a new bootstrap configuration: not this fault.)
+        if sim.nodes[node].disk.members:
+            stale = sim.nodes[node].static not in (None, ids)
+            sim.set_static(node, ids if stale else ids + [f"s{k}" for k in range(SPARES)])
     elif kind == "propose":
         for i in live:
             if sim.core(i).role.value == "leader":
@@ -196,10 +253,23 @@ def apply_action(sim: Sim, ids: list[str], action: tuple) -> None:
 @given(schedules())
 def test_fault_schedules_keep_safety_and_elect_a_leader(schedule: dict) -> None:
     try:
-        run_schedule(schedule)
+        counts = run_schedule(schedule)
     except AssertionError:
         print(f"\nreplay with: python -m tests.test_simulation '{json.dumps(schedule)}'", file=sys.stderr)
         raise
+    for what, count in counts.items():
+        if count:
+            event(f"schedules with {what}")  # shown by --hypothesis-show-statistics (make sim)
+
+
+def test_membership_faults_change_the_configuration() -> None:
+    """The drawn membership faults are not vacuous: a leader adds a spare, removes a member,
+    removes itself and hands over, all committed, on a cluster that stays safe."""
+    counts = run_schedule({"n": 3, "seed": 7, "rates": [1.0, 1.0, 1.0], "eager": [False] * 3, "propose_every": 0.25,
+                           "faults": [["add", 3.0, 0], ["remove", 5.0, 1], ["remove", 7.0, 3], ["add", 9.0, 1]]})
+    assert counts["configuration changes"] == 4, counts
+    assert counts["committed changes"] == 4, counts
+    assert counts["leader removed itself"] >= 1, counts
 
 
 if __name__ == "__main__":

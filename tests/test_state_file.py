@@ -467,3 +467,49 @@ def test_failed_load_does_not_enable_skipping(tmp_path: Path) -> None:
         sf.load()
     sf.save(HardState(term=1))
     assert StateFile(tmp_path, NODE).load() == HardState(term=1)
+
+
+# --- the replicated configuration -----------------------------------------------------------
+
+CONFIG = {"members": [NODE, OTHER, "127.0.0.1:8897"], "config_version": [2, 5], "cluster": "0123456789abcdef"}
+
+
+def test_configuration_round_trip(tmp_path: Path) -> None:
+    state = HardState(term=3, voted_for=OTHER, payload_version=(2, 7), payload="hello",
+                      members=tuple(CONFIG["members"]), config_version=(2, 5), cluster=CONFIG["cluster"])
+    StateFile(tmp_path, NODE).save(state)
+    doc = json.loads((tmp_path / "state.json").read_text("utf-8"))
+    assert doc == _document(**CONFIG)
+    assert StateFile(tmp_path, NODE).load() == state
+
+
+def test_file_without_configuration_loads_as_before(tmp_path: Path) -> None:
+    # Files of releases before membership changes: the node bootstraps from its static list.
+    _write(tmp_path / "state.json", _document())
+    assert StateFile(tmp_path, NODE).load().members == ()
+
+
+@pytest.mark.parametrize("field", sorted(CONFIG))
+def test_partial_configuration_refused(tmp_path: Path, field: str) -> None:
+    raw = json.dumps(_document(**{**CONFIG, field: _DROP})).encode()
+    _assert_refused(tmp_path, raw, f"missing {field}", CORRUPT_ADVICE)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("members", "127.0.0.1:1"),
+        ("members", [NODE, NODE]),
+        ("members", [NODE, 5]),
+        ("members", [NODE, ""]),
+        ("members", [f"127.0.0.1:{p}" for p in range(1, 66)]),
+        ("config_version", [1]),
+        ("config_version", None),
+        ("cluster", 5),
+        ("cluster", ""),
+        ("cluster", "x" * 65),
+    ],
+)
+def test_wrong_configuration_refused(tmp_path: Path, field: str, value: Any) -> None:
+    raw = json.dumps(_document(**{**CONFIG, field: value})).encode()
+    _assert_refused(tmp_path, raw, field, CORRUPT_ADVICE)
