@@ -194,14 +194,15 @@ class Cluster:
         delay = 1.0
         while not self.node.stopped and not self.node.core.voter:
             try:
-                answer = change_members(self.join, "add", self.advertise, signer=self.signer, tls=self.tls,
+                seeds = [a for a in self.join if a != self.advertise] or list(self.join)
+                answer = change_members(seeds, "add", self.advertise, signer=self.signer, tls=self.tls,
                                         sender=self.advertise)
             except MembershipError as exc:
                 self.log.warning("[cluster] %s: not a member yet: %s; asking again in %.0f s", self.advertise,
                                  exc, delay)
                 if self.node.wait_stopped(delay):
                     return
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 5.0)
                 continue
             self.log.info("[cluster] %s joined: members are %s", self.advertise, ",".join(answer.get("members", [])))
             return

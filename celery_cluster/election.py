@@ -183,6 +183,8 @@ class ClusterMismatch:
     sender: str
     theirs: str
     ours: str
+    #: The sender's bootstrap list, when it said (a candidate with no replicated configuration).
+    their_members: tuple[str, ...] | None = None
 
 
 Event = (RoleChanged | LeaseAcquired | SteppedDown | Committed | VoteRefused | MembersChanged | LearnerDropped
@@ -349,7 +351,8 @@ class Election:
             joining = (not self.replicated and not self.static_members
                        and isinstance(msg, AppendEntries) and msg.members is not None)
             if not joining:
-                self._events.append(ClusterMismatch(sender, msg.cluster, self.cluster))
+                said = msg.members if isinstance(msg, VoteRequest) else None
+                self._events.append(ClusterMismatch(sender, msg.cluster, self.cluster, said))
                 return self._ready()
             self.cluster = msg.cluster  # a joining node takes the id of the leader that adds it
         self.last_heard[sender] = now
@@ -554,8 +557,11 @@ class Election:
         if reason is not None:
             self._events.append(VoteRefused(m.candidate, m.term, m.prevote, reason))
             self._send(m.candidate, VoteResponse(self.term, self.id, False, m.prevote, self.cluster))
-            if self.role is Role.LEADER and m.candidate not in self.members and m.candidate not in self.learners:
-                self._send_append(m.candidate)  # a node we removed that missed it: tell it again
+            if (self.role is Role.LEADER and m.candidate not in self.members and m.candidate not in self.learners
+                    and m.term - m.prevote <= self.term):
+                # A node we removed that missed it: tell it again (never one with a higher term,
+                # whose answer would make us run again).
+                self._send_append(m.candidate)
             return
         if m.prevote:
             self._send(m.candidate, VoteResponse(m.term, self.id, True, True, self.cluster))
@@ -591,7 +597,8 @@ class Election:
         self._votes = {self.id: True}
         self.election_deadline = now + self._random_timeout()
         for p in self.peers:
-            self._send(p, VoteRequest(self.term + 1, self.id, self.version, prevote=True, cluster=self.cluster))
+            self._send(p, VoteRequest(self.term + 1, self.id, self.version, prevote=True, cluster=self.cluster,
+                                      members=None if self.replicated else self.members))
         if self._granted() >= self.quorum:
             self._campaign(now, transfer=False)
 
@@ -605,7 +612,7 @@ class Election:
         self.election_deadline = now + self._random_timeout()
         for p in self.peers:
             self._send(p, VoteRequest(self.term, self.id, self.version, prevote=False, transfer=transfer,
-                                      cluster=self.cluster))
+                                      cluster=self.cluster, members=None if self.replicated else self.members))
         if self._granted() >= self.quorum:
             self._become_leader(now)
 

@@ -71,6 +71,9 @@ class VoteRequest:
     #: Sent after a TimeoutNow: voters skip the recent-leader rule (the leader asked for it).
     transfer: bool = False
     cluster: str = ""
+    #: The candidate's bootstrap list while it has no replicated configuration (else None):
+    #: a node of another cluster can then name both lists in its refusal.
+    members: tuple[str, ...] | None = None
 
     @property
     def sender(self) -> str:

@@ -630,11 +630,13 @@ class Node:
             now = self.clock()
             if now - self._mismatch_logged.get(ev.sender, -math.inf) >= 60:
                 self._mismatch_logged[ev.sender] = now
+                theirs = (f"started with --cluster-nodes {','.join(ev.their_members)}, cluster id {ev.theirs}"
+                          if ev.their_members else f"cluster id {ev.theirs}")
                 self.log.warning(
-                    "[cluster] ignoring %s: it belongs to another cluster (id %s; ours is %s, members %s). "
+                    "[cluster] ignoring %s: it belongs to another cluster (%s; ours: members %s, cluster id %s). "
                     "A node started with a different --cluster-nodes list never joins this one: start it with "
-                    "--cluster-join and add it with `cluster add`", ev.sender, ev.theirs or "none (joining)",
-                    ev.ours or "none yet", ",".join(self.core.members) or "none yet")
+                    "--cluster-join and add it with `cluster add`", ev.sender, theirs,
+                    ",".join(self.core.members) or "none yet", ev.ours or "none yet")
         elif isinstance(ev, VoteRefused):
             self.log.debug("[cluster] refused %s %s for term %s: %s", ev.candidate,
                            "a pre-vote" if ev.prevote else "a vote", ev.term, ev.reason)

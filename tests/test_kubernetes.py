@@ -72,6 +72,7 @@ def test_the_scheduler_group_is_consistent() -> None:
     assert spec["replicas"] % 2 == 1 and spec["podManagementPolicy"] == "Parallel"
     assert option(argv, "--cluster-advertise") == f"$(POD_NAME).{service}:{port}"
     assert option(argv, "--cluster-listen") == f"0.0.0.0:{port}"
+    assert option(argv, "--cluster-join") == f"{service}:{port}"  # pods beyond the list ask to be added
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert option(argv, "--cluster-state-dir") == mounts["state"]
     assert [t["metadata"]["name"] for t in spec["volumeClaimTemplates"]] == ["state"]
@@ -110,18 +111,21 @@ class Pods:
     """The manifests' commands as local processes: ``<pod>.<service>:PORT`` and the pods'
     ``0.0.0.0:PORT`` become loopback ports, mounted paths become directories under tmp."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, replicas: int | None = None) -> None:
         self.tmp = tmp
         self.broker = redis_broker()
         self.sts = one("StatefulSet")
         self.service = self.sts["spec"]["serviceName"]
-        self.replicas = self.sts["spec"]["replicas"]
+        self.replicas = replicas or self.sts["spec"]["replicas"]
         self.names = [f"{self.sts['metadata']['name']}-{i}" for i in range(self.replicas)]
         self.ports = dict(zip(self.names, free_ports(self.replicas)))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         container = self.sts["spec"]["template"]["spec"]["containers"][0]
         self.command: list[str] = container["command"]
         self.mounts = {m["mountPath"]: tmp / m["name"] for m in container["volumeMounts"]}
+        #: volumeClaimTemplates: each pod gets a volume of its own (the others are shared).
+        self.per_pod = {t["metadata"]["name"] for t in self.sts["spec"].get("volumeClaimTemplates", [])}
+        self.mount_names = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         secret_path = Path(option(self.command, "--cluster-secret-file"))
         self.secret = self.local_path(str(secret_path))
         self.secret.parent.mkdir(parents=True, exist_ok=True)
@@ -131,8 +135,10 @@ class Pods:
     def address(self, pod: str) -> str:
         return f"127.0.0.1:{self.ports[pod]}"
 
-    def local_path(self, path: str) -> Path:
+    def local_path(self, path: str, pod: str | None = None) -> Path:
         for mount, local in self.mounts.items():
+            if pod is not None and self.mount_names[mount] in self.per_pod:
+                local = local / pod
             if path == mount or path.startswith(mount + "/"):
                 return local / path[len(mount):].lstrip("/")
         raise AssertionError(f"{path} is not under a mounted volume")
@@ -142,10 +148,12 @@ class Pods:
             arg = arg.replace("$(POD_NAME)", pod)
         for name, port in self.ports.items():
             arg = arg.replace(f"{name}.{self.service}:8899", f"127.0.0.1:{port}")
+        if arg == f"{self.service}:8899":  # the headless Service's name: one of its pods (the first)
+            arg = self.address(self.names[0])
         if pod is not None:
             arg = arg.replace("0.0.0.0:8899", self.address(pod))
         if arg.startswith("/") and any(arg == m or arg.startswith(m + "/") for m in self.mounts):
-            arg = str(self.local_path(arg))
+            arg = str(self.local_path(arg, pod))
         return arg
 
     def env(self, pod: str) -> dict[str, str]:
@@ -232,6 +240,45 @@ def test_the_manifests_commands_run_as_the_pods_would(tmp_path: Path) -> None:
         poll(lambda: pods.leader() not in (None, new), 10, "a leader among the remaining pods", 0.05)
         print(f"\nkubernetes example: leader {leader}, preStop handed over to {new}; SIGTERM ended it in "
               f"{took:.1f} s (grace {grace} s)")
+    except BaseException:
+        print(pods.logs())
+        raise
+    finally:
+        pods.close()
+
+
+@pytest.mark.processes
+def test_the_scheduler_group_grows_to_five_and_shrinks_back(tmp_path: Path) -> None:
+    """kubectl scale --replicas=5: the two new pods (beyond --cluster-nodes) join through the
+    Service and are added one at a time; scaling back down is `celery cluster remove` of the
+    highest pods, then fewer replicas. The same command for every pod throughout."""
+    pods = Pods(tmp_path, replicas=5)
+    base = one("StatefulSet")["spec"]["replicas"]
+    try:
+        for pod in pods.names[:base]:
+            pods.start(pod, pods.command)
+        poll(pods.leader, 60, "one leader among the first pods", 0.1)
+        for pod in pods.names[base:]:
+            pods.start(pod, pods.command)
+        everyone = [pods.address(p) for p in pods.names]
+
+        def members(names: list[str]) -> set[tuple[str, ...]]:  # in any order: pods join as they come up
+            views = [try_get(pods.address(p), "/cluster/status") for p in names]
+            return {tuple(sorted(v[1]["members"])) if v else () for v in views}
+
+        poll(lambda: members(pods.names) == {tuple(sorted(everyone))}, 90, "all five pods to be members", 0.2)
+        app = pods.command[pods.command.index("-A") + 1]
+        celery = str(Path(sys.executable).with_name("celery"))
+        for pod in reversed(pods.names[base:]):
+            out = subprocess.run([celery, "-A", app, "cluster", "remove", pods.address(pod)], cwd=REPO,
+                                 env=pods.env("kubectl-exec"), capture_output=True, text=True, timeout=90)
+            assert out.returncode == 0, out.stdout + out.stderr
+            pods.procs[pod].send_signal(signal.SIGTERM)
+            assert pods.procs[pod].wait(30) == 0
+        first = [pods.address(p) for p in pods.names[:base]]
+        poll(lambda: members(pods.names[:base]) == {tuple(sorted(first))}, 30, "the first pods to be the members again",
+             0.2)
+        poll(pods.leader, 20, "one leader among the remaining pods", 0.1)
     except BaseException:
         print(pods.logs())
         raise

@@ -290,6 +290,10 @@ class Worker:
         self.nodename = f"{name}@{cluster.hostname}"
         self.state_dir = cluster.tmp / f"state-{name}"
         self.runs: list[Incarnation] = []
+        #: Start with ``--cluster-join`` these addresses (a new member) instead of ``--cluster-nodes``.
+        self.join: list[str] | None = None
+        #: A fixed ``--cluster-nodes`` list (default: every clustered worker of the test cluster).
+        self.static: list[str] | None = None
 
     @property
     def address(self) -> str:
@@ -300,8 +304,12 @@ class Worker:
         argv = [*celery_cli(), "-A", "tests.celery_app", "worker", "-P", "prefork", "-c", str(c.concurrency),
                 "-n", self.nodename, "-l", "info", "--without-mingle", "--without-gossip"]
         if self.port is not None:
-            argv += ["--cluster-nodes", ",".join(w.address for w in c.workers.values() if w.port is not None),
-                     "--cluster-listen", self.address, "--cluster-state-dir", str(self.state_dir),
+            if self.join is not None:
+                argv += ["--cluster-join", ",".join(self.join)]
+            else:
+                nodes = self.static or [w.address for w in c.workers.values() if w.port is not None]
+                argv += ["--cluster-nodes", ",".join(nodes)]
+            argv += ["--cluster-listen", self.address, "--cluster-state-dir", str(self.state_dir),
                      "--cluster-election-timeout", f"{MIN_TIMEOUT}-{MAX_TIMEOUT}",
                      "--cluster-heartbeat-interval", str(HEARTBEAT)]
         return argv + list(c.extra_args)

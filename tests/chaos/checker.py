@@ -224,12 +224,15 @@ def _lost_in_transport(i: int, sent_at: dict[int, float], delivered: set[int],
         return False
     sent = sent_at[i]
     # The leader then: the last to have been elected before the send (its lease as the actions
-    # read it may end earlier, but it kept consuming the leader queue until it died).
+    # read it may end earlier, but it kept consuming the leader queue until it died) - or one
+    # that led within the window before it: a leader that just handed over (a member replaced:
+    # removed, then killed) still consumes the queue until its worker cancels the consumer.
     elected = [iv for iv in intervals if iv.start <= sent]
     if not elected:
         return False
-    leader = max(elected, key=lambda iv: iv.start).node
-    return any(node == leader and start <= sent + TRANSPORT_WINDOW and sent <= end for node, start, end in kills)
+    consumers = {max(elected, key=lambda iv: iv.start).node}
+    consumers |= {iv.node for iv in elected if iv.end >= sent - TRANSPORT_WINDOW}
+    return any(node in consumers and start <= sent + TRANSPORT_WINDOW and sent <= end for node, start, end in kills)
 
 
 def max_failover(intervals: list[Interval]) -> float:

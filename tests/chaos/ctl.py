@@ -5,6 +5,7 @@ asks this process (stdin: one JSON request per line; stdout: one JSON reply per 
 
 ``{"op": "statuses", "addrs": [...], "timeout": s}``  GET /cluster/status of each, in parallel
 ``{"op": "stepdown", "addr": a}``                     a signed POST /cluster/stepdown
+``{"op": "members", "addrs": [...], "change": {..}}``  a signed POST /cluster/members (to the leader)
 ``{"op": "produce", "every": s}``                     worker mode: send ``chaos.lead(i)`` every s
 ``{"op": "produced"}``                                the ``i`` sent so far (and stop sending)
 """
@@ -68,6 +69,16 @@ class Ctl:
             return {"status": None, "error": str(exc)}
         return {"status": code, "body": body}
 
+    def members(self, addrs: list[str], change: dict[str, str]) -> dict[str, Any]:
+        from celery_cluster.errors import MembershipError
+        from celery_cluster.members_client import change_members
+
+        (op, address), = change.items()
+        try:
+            return {"ok": True, **change_members(addrs, op, address, signer=self.signer, timeout=30)}
+        except MembershipError as exc:
+            return {"ok": False, "error": str(exc)}
+
     def produce(self, every: float) -> None:
         from tests.chaos.app import app  # only worker mode needs Celery here
 
@@ -108,6 +119,8 @@ def main() -> None:
                 reply: Any = {"statuses": ctl.statuses(req["addrs"], req.get("timeout", 0.5))}
             elif op == "stepdown":
                 reply = ctl.stepdown(req["addr"])
+            elif op == "members":
+                reply = ctl.members(req["addrs"], req["change"])
             elif op == "produce":
                 ctl.produce(req["every"])
                 reply = {"ok": True}

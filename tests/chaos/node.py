@@ -67,8 +67,11 @@ def record(path: str, **fields: object) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    for name in ("--listen", "--advertise", "--nodes", "--state-dir", "--secret-file", "--records", "--name"):
+    for name in ("--listen", "--advertise", "--state-dir", "--secret-file", "--records", "--name"):
         p.add_argument(name, required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--nodes")
+    group.add_argument("--join")  # a replaced member: no configuration, asks to be added
     p.add_argument("--election-timeout", default="0.5-1.0")
     p.add_argument("--heartbeat-interval", type=float, default=0.05)
     p.add_argument("--jump", type=float, default=3.0)
@@ -82,7 +85,7 @@ def main() -> None:
 
     clock, sink, stop = JumpClock(), LatestLease(), threading.Event()
     try:  # as `celery-cluster node` does: a state directory it cannot write refuses the start
-        cluster = Cluster(args.nodes, listen=args.listen, advertise=args.advertise,
+        cluster = Cluster(args.nodes or [], join=args.join, listen=args.listen, advertise=args.advertise,
                           election_timeout=args.election_timeout, heartbeat_interval=args.heartbeat_interval,
                           state_dir=args.state_dir, secret_file=args.secret_file, lease_sink=sink, clock=clock,
                           on_failure=lambda exc: stop.set())

@@ -18,7 +18,9 @@ state dir), SIGSTOP/SIGCONT past the election timeout, the leader isolated, a
 majority/minority split, one cut link, one-way (the leader cannot send), a random
 partition, delay with jitter through the proxies, a full state disk (the node must
 fail-stop; it is restarted once there is room again), a burst of stepdowns every few
-hundred ms, a forward clock jump of the leader (SIGUSR2); in worker mode the
+hundred ms, a forward clock jump of the leader (SIGUSR2), a member replaced (removed
+through the leader - often the leader itself -, killed, its state wiped, started again
+with --join and added back); in worker mode the
 ``leader_elected`` receiver is slow (0.2 s) throughout. After each heal, an agreed
 leader must appear within 3 s. The history goes to ``history.json``; one summary line
 is printed.
@@ -49,7 +51,8 @@ PORT = 8899
 TIMEOUT = (0.5, 1.0)
 HEARTBEAT = 0.05
 LIVENESS_BOUND = 3.0
-FAULTS = ("kill", "pause", "isolate", "split", "cut", "oneway", "partition", "delay", "disk", "stepdowns", "jump")
+FAULTS = ("kill", "pause", "isolate", "split", "cut", "oneway", "partition", "delay", "disk", "stepdowns", "jump",
+          "replace")
 
 
 @dataclasses.dataclass
@@ -62,6 +65,7 @@ class Member:
     runs: list[tuple[subprocess.Popen[Any], Path]] = dataclasses.field(default_factory=list)
     stopped: bool = False  # SIGSTOPped
     failed: bool = False  # fail-stopped (worker mode: alive, out of the cluster)
+    join: bool = False  # its next start asks to be added (--join) instead of bootstrapping
 
     @property
     def proc(self) -> subprocess.Popen[Any] | None:
@@ -156,7 +160,8 @@ class ChaosRun:
         if self.mode == "standalone":
             log = self.out / f"{m.name}.{run}.jsonl"
             argv = [sys.executable, "-m", "tests.chaos.node", "--name", m.name, "--listen", f"127.0.0.1:{PORT}",
-                    "--advertise", m.address, "--nodes", self.nodes_arg, "--state-dir", str(state),
+                    "--advertise", m.address, "--join" if m.join else "--nodes", self.nodes_arg,
+                    "--state-dir", str(state),
                     "--secret-file", str(self.secret), "--records", str(self.records),
                     "--election-timeout", f"{TIMEOUT[0]}-{TIMEOUT[1]}", "--heartbeat-interval", str(HEARTBEAT)]
             proc = self.topo.popen(m.index, argv, cwd=REPO, env=self._env(), stdout=open(log, "wb"),
@@ -165,7 +170,8 @@ class ChaosRun:
             log = self.out / f"{m.name}.{run}.transitions.jsonl"
             argv = [sys.executable, "-m", "celery", "-A", "tests.chaos.app", "worker", "-P", "prefork", "-c", "2",
                     "-n", f"{m.name}@chaos", "-l", "info", "--without-mingle", "--without-gossip",
-                    "--cluster-nodes", self.nodes_arg, "--cluster-listen", f"127.0.0.1:{PORT}",
+                    "--cluster-join" if m.join else "--cluster-nodes", self.nodes_arg,
+                    "--cluster-listen", f"127.0.0.1:{PORT}",
                     "--cluster-advertise", m.address, "--cluster-state-dir", str(state),
                     "--cluster-secret-file", str(self.secret),
                     "--cluster-election-timeout", f"{TIMEOUT[0]}-{TIMEOUT[1]}",
@@ -391,6 +397,36 @@ class ChaosRun:
             self.wait(self.rng.uniform(0.2, 0.4))
         return {"stepdowns": done}
 
+    def fault_replace(self) -> dict[str, Any]:
+        """Replace a member as an operator replaces a dead host: remove it through the leader
+        (the leader itself as often as not), kill it, wipe its state, start it with --join and
+        wait until the leader has added it back - two one-server changes."""
+        m = self.victim()
+        lead = self.leader()
+        if lead is None:
+            return {"node": m.name, "outcome": "no leader to ask"}
+        others = [x.address for x in self.members if x is not m and x.alive and not x.stopped]
+        removed = self._ctl({"op": "members", "addrs": [lead.address, *others], "change": {"remove": m.address}})
+        if not removed.get("ok"):
+            return {"node": m.name, "outcome": f"removal refused: {removed.get('error')}"}
+        self.kill(m)
+        killed = lease_clock()
+        shutil.rmtree(m.disk / "state", ignore_errors=True)
+        m.join = True
+        self.start(m)
+        deadline = time.monotonic() + 30.0
+        outcome = "not added back within 30 s"
+        while time.monotonic() < deadline:
+            st = self.statuses().get(m.address)
+            if st is not None and st.get("voter") and self.agreed_leader() is not None:
+                outcome = "replaced"
+                break
+            time.sleep(0.1)  # polling interval
+        m.join = False  # its state holds the configuration from now on
+        if outcome != "replaced":
+            self.problems.append(f"{m.name} was removed and restarted with --join but not added back within 30 s")
+        return {"node": m.name, "outcome": outcome, "was_leader": m is lead, "killed": killed}
+
     def fault_jump(self) -> dict[str, Any]:
         m = self.victim()
         self.signal_group(m, signal.SIGUSR2) if self.mode == "standalone" else os.kill(m.proc.pid, signal.SIGUSR2)  # type: ignore[union-attr]
@@ -428,7 +464,9 @@ class ChaosRun:
                 self.kill(m)
         transitions, actions = self.history()
         delivered = {r["i"] for r in self._records() if r.get("kind") == "delivery"}
-        kills = [(f["node"], f["start"], f.get("killed", f["healed"])) for f in self.faults if f["kind"] == "kill"]
+        # A replaced member is killed too (right after its removal): the same Redis window applies.
+        kills = [(f["node"], f["start"], f.get("killed", f["healed"])) for f in self.faults
+                 if f["kind"] == "kill" or (f["kind"] == "replace" and "killed" in f)]
         verdict = check(transitions, actions, ended=self.ended, lead_sent=sent, liveness=self.liveness,
                         liveness_bound=LIVENESS_BOUND, expect_beat=self.mode == "worker",
                         lead_sent_at=sent_at, delivered=delivered, kills=kills)
