@@ -244,6 +244,9 @@ def _is_number(value: object) -> bool:
 DEFAULT_ELECTION_TIMEOUT: tuple[float, float] = (1.0, 2.0)
 DEFAULT_HEARTBEAT_INTERVAL = 0.1
 DEFAULT_MAX_CLOCK_DRIFT = 0.05
+#: How long a leader's broker may be unreachable before it hands over to a member whose
+#: broker works (seconds).
+DEFAULT_BROKER_GRACE = 3.0
 
 
 def format_range(timeout: tuple[float, float]) -> str:
@@ -262,6 +265,8 @@ class Timing:
     election_timeout: tuple[float, float] = DEFAULT_ELECTION_TIMEOUT
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     max_clock_drift: float = DEFAULT_MAX_CLOCK_DRIFT
+    #: How long a leader's broker may be down before it hands over to a member whose works.
+    broker_grace: float = DEFAULT_BROKER_GRACE
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalising fields requires object.__setattr__.
@@ -287,6 +292,16 @@ class Timing:
                 "e.g. 0.05 for 5 %"
             )
         object.__setattr__(self, "max_clock_drift", float(drift))
+
+        grace = self.broker_grace
+        if isinstance(grace, str):
+            try:
+                grace = float(grace)
+            except ValueError:
+                raise ConfigurationError(f"broker grace {grace!r} must be a number of seconds") from None
+        if not _is_number(grace) or not math.isfinite(grace) or grace < 0:
+            raise ConfigurationError(f"broker grace {grace!r} must be a number of seconds, 0 or more")
+        object.__setattr__(self, "broker_grace", float(grace))
 
     @property
     def rpc_timeout(self) -> float:

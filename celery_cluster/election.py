@@ -57,6 +57,14 @@ Rules, with their reason (Raft paper / Ongaro's thesis, ch. 3, 6 and 9):
   catches up as a learner (sent the state, not counted), then is added; a node
   not in its own configuration never campaigns; a leader that removed itself
   hands over once the change is committed.
+* Broker health (:meth:`~Election.set_broker_health`, fed by the driver): a leader
+  whose broker has not worked for ``broker_grace`` hands over (the transfer path,
+  reason ``broker_unreachable``) to a reachable member whose acknowledgements have
+  said for that long that its broker works; if none has, nothing changes (so the
+  end of an outage that hit everyone moves nothing either). A voter whose broker
+  works refuses a pre-vote to a candidate whose broker does not. Planned
+  handovers prefer a member with a working broker. Only refusals and transfers
+  are added, so the arguments above are untouched.
 * Every message carries the cluster id (a digest of the bootstrap member list);
   a message from another cluster is dropped (:class:`ClusterMismatch`); one
   without an id (a release before ids) is not checked. A node
@@ -72,7 +80,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .config import DEFAULT_ELECTION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_CLOCK_DRIFT
+from .config import DEFAULT_BROKER_GRACE, DEFAULT_ELECTION_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_CLOCK_DRIFT
 from .errors import ClusterError, MembershipError, TransferError
 from .messages import (
     AppendEntries,
@@ -131,6 +139,7 @@ class SteppedDown:
 
     term: int
     # higher_term | lost_quorum | lease_expired | transfer | shutdown | callback_error | state_not_durable | removed
+    # | broker_unreachable
     reason: str
     lease_until: float
     had_lease: bool
@@ -149,8 +158,9 @@ class VoteRefused:
 
     ``reason``: ``leader_recently_heard`` (the recent-leader rule), ``restarted_recently``
     (the same rule just after a restart), ``leading`` (this node holds a lease),
-    ``stale_term``, ``already_voted`` (for ``voted_for``) or ``candidate_behind`` (its
-    payload version is older than ours).
+    ``stale_term``, ``already_voted`` (for ``voted_for``), ``candidate_behind`` (its
+    payload version is older than ours) or ``candidate_broker_down`` (a pre-vote from a
+    candidate whose broker does not work, while ours does).
     """
 
     candidate: str
@@ -217,6 +227,7 @@ class Election:
         rng: random.Random | None = None,
         join: bool = False,
         learner_timeout: float | None = None,
+        broker_grace: float = DEFAULT_BROKER_GRACE,
     ) -> None:
         """``members`` is the bootstrap configuration: used (and its digest taken as the cluster
         id) only while ``state`` holds no replicated configuration. ``join``: start with no
@@ -227,6 +238,11 @@ class Election:
         self.lease_duration = self.min_timeout * (1 - max_clock_drift) / (1 + max_clock_drift)
         #: How long the leader waits for a learner to catch up before giving it up.
         self.learner_timeout = learner_timeout if learner_timeout is not None else 5 * self.max_timeout
+        self.broker_grace = broker_grace
+        #: Whether this node's broker works (the driver says), and since when it does not.
+        self.broker_healthy = True
+        self.broker_down_since: float | None = None
+        self._broker_check_at = math.inf
         self.rng = rng or random.Random()
 
         state = state or HardState()
@@ -285,6 +301,10 @@ class Election:
         self.known_commit: Version = (0, 0)
         #: Leader only: nodes it removed, told again once the removal is committed.
         self._removed: set[str] = set()
+        #: Leader only: whether each peer's broker worked, as its latest acknowledgement said,
+        #: and since when it has said so without a break.
+        self.peer_healthy: dict[str, bool] = {}
+        self.peer_healthy_since: dict[str, float] = {}
 
         self._out: list[Envelope] = []
         self._events: list[Event] = []
@@ -298,7 +318,8 @@ class Election:
     def next_deadline(self) -> float:
         """The latest time by which :meth:`tick` must be called next."""
         if self.role is Role.LEADER:
-            return min(self.next_heartbeat, self._stepdown_at())
+            # The end of the broker grace, once; after that every heartbeat tick re-checks.
+            return min(self.next_heartbeat, self._stepdown_at(), self._broker_check_at)
         return self.election_deadline
 
     @property
@@ -333,6 +354,8 @@ class Election:
             if now >= self._stepdown_at():
                 reason = "lease_expired" if now >= self.lease_until else "lost_quorum"
                 self._become_follower(now, self.term, None, reason)
+            elif self._broker_handover(now):
+                pass
             elif now >= self.next_heartbeat:
                 self._drop_stale_learners(now)
                 self._broadcast(now)
@@ -419,6 +442,40 @@ class Election:
         self._broadcast(now)
         return self.version, self._ready()
 
+    # -- broker health ----------------------------------------------------------
+
+    def set_broker_health(self, healthy: bool, now: float) -> Ready:
+        """The driver's latest word on this node's broker. A leader whose broker stays down
+        for ``broker_grace`` hands over to a member whose broker works (if any)."""
+        if healthy:
+            self.broker_down_since = None
+            self._broker_check_at = math.inf
+        elif self.broker_healthy or self.broker_down_since is None:
+            self.broker_down_since = now
+            self._broker_check_at = now + self.broker_grace
+        self.broker_healthy = healthy
+        if self.role is Role.LEADER:
+            self._broker_handover(now)
+        return self._ready()
+
+    def _broker_handover(self, now: float) -> bool:
+        """Leader: hand over if our broker has been down for the grace period and a reachable
+        member reports a working one. True if it did."""
+        if (self.role is not Role.LEADER or self.broker_down_since is None
+                or now - self.broker_down_since < self.broker_grace):
+            return False
+        self._broker_check_at = math.inf  # from here on, every heartbeat tick looks again
+        # Only to a member whose broker has worked for the grace period too: when a broker outage
+        # that hit everyone ends, our own probe may say so a moment after theirs - no handover then.
+        healthy = [p for p in self.peers if self.peer_healthy.get(p)
+                   and now - self.peer_healthy_since.get(p, math.inf) >= self.broker_grace
+                   and now - self.peer_contact.get(p, NEVER) < self.min_timeout]
+        if not healthy:
+            return False  # nobody's broker works better: never flap over an outage that hits everyone
+        target = max(healthy, key=lambda p: (self.peer_version.get(p, (0, 0)), self.peer_contact[p]))
+        self._transfer(now, target, "broker_unreachable")
+        return True
+
     # -- membership ------------------------------------------------------------
 
     def _check_change(self, what: str) -> None:
@@ -503,7 +560,7 @@ class Election:
         target = self._transfer(now, target)
         return target, self._ready()
 
-    def _transfer(self, now: float, target: str | None) -> str:
+    def _transfer(self, now: float, target: str | None, reason: str | None = None) -> str:
         reachable = [p for p in self.peers if now - self.peer_contact.get(p, NEVER) < self.min_timeout]
         if target is not None:
             if target not in reachable:
@@ -511,11 +568,13 @@ class Election:
         elif not reachable:
             raise TransferError("no peer answered within the election timeout; nobody to hand over to")
         else:
-            target = max(reachable, key=lambda p: (self.peer_version.get(p, (0, 0)), self.peer_contact[p]))
+            # Prefer a member whose broker works, then the most up to date.
+            target = max(reachable, key=lambda p: (self.peer_healthy.get(p, True), self.peer_version.get(p, (0, 0)),
+                                                   self.peer_contact[p]))
         behind = self.peer_version.get(target, (0, 0)) < self.version
         self._send(target, TimeoutNow(self.term, self.id, self.version, self.payload if behind else None,
                                       self.members if behind else None, self.cluster))
-        self._become_follower(now, self.term, None, "transfer" if self.voter else "removed")
+        self._become_follower(now, self.term, None, reason or ("transfer" if self.voter else "removed"))
         return target
 
     def step_down(self, now: float, reason: str) -> Ready:
@@ -554,9 +613,12 @@ class Election:
                 reason = "already_voted"
             if reason is None and m.version < self.version:
                 reason = "candidate_behind"
+            if reason is None and m.prevote and not m.healthy and self.broker_healthy:
+                reason = "candidate_broker_down"  # we could use the leadership; it could not
         if reason is not None:
             self._events.append(VoteRefused(m.candidate, m.term, m.prevote, reason))
-            self._send(m.candidate, VoteResponse(self.term, self.id, False, m.prevote, self.cluster))
+            self._send(m.candidate, VoteResponse(self.term, self.id, False, m.prevote, self.cluster,
+                                                 self.broker_healthy))
             if (self.role is Role.LEADER and m.candidate not in self.members and m.candidate not in self.learners
                     and m.term - m.prevote <= self.term):
                 # A node we removed that missed it: tell it again (never one with a higher term,
@@ -564,11 +626,11 @@ class Election:
                 self._send_append(m.candidate)
             return
         if m.prevote:
-            self._send(m.candidate, VoteResponse(m.term, self.id, True, True, self.cluster))
+            self._send(m.candidate, VoteResponse(m.term, self.id, True, True, self.cluster, self.broker_healthy))
             return
         self.voted_for = m.candidate  # the term was adopted in step(): m.term == self.term
         self.election_deadline = now + self._random_timeout()
-        self._send(m.candidate, VoteResponse(self.term, self.id, True, False, self.cluster))
+        self._send(m.candidate, VoteResponse(self.term, self.id, True, False, self.cluster, self.broker_healthy))
 
     def _on_vote_response(self, m: VoteResponse, now: float) -> None:
         if m.prevote:
@@ -598,7 +660,7 @@ class Election:
         self.election_deadline = now + self._random_timeout()
         for p in self.peers:
             self._send(p, VoteRequest(self.term + 1, self.id, self.version, prevote=True, cluster=self.cluster,
-                                      members=None if self.replicated else self.members))
+                                      members=None if self.replicated else self.members, healthy=self.broker_healthy))
         if self._granted() >= self.quorum:
             self._campaign(now, transfer=False)
 
@@ -612,7 +674,8 @@ class Election:
         self.election_deadline = now + self._random_timeout()
         for p in self.peers:
             self._send(p, VoteRequest(self.term, self.id, self.version, prevote=False, transfer=transfer,
-                                      cluster=self.cluster, members=None if self.replicated else self.members))
+                                      cluster=self.cluster, members=None if self.replicated else self.members,
+                                      healthy=self.broker_healthy))
         if self._granted() >= self.quorum:
             self._become_leader(now)
 
@@ -640,6 +703,8 @@ class Election:
         self.commit_version = (0, 0)
         self.learners = {}
         self._removed = set()
+        self.peer_healthy = {}
+        self.peer_healthy_since = {}
         self._broadcast(now)
 
     def _broadcast(self, now: float) -> None:
@@ -671,6 +736,11 @@ class Election:
         if peer not in self.members and not learner:
             return  # a node we removed, answering the notice
         self.peer_contact[peer] = now
+        self.peer_healthy[peer] = m.healthy
+        if m.healthy:
+            self.peer_healthy_since.setdefault(peer, now)
+        else:
+            self.peer_healthy_since.pop(peer, None)
         self.peer_version[peer] = max(m.version, self.peer_version.get(peer, (0, 0)))
         self._peer_round[peer] = max(m.round, self._peer_round.get(peer, 0))
         if self.peer_version[peer] < self.version and self._payload_round.get(peer) != self._round:
@@ -724,7 +794,8 @@ class Election:
     def _on_append(self, m: AppendEntries, now: float) -> None:
         if m.term < self.term:
             # A leader of an older term: tell it our term (it may re-run, see module doc).
-            self._send(m.leader, AppendResponse(self.term, self.id, m.round, self.version, False, self.cluster))
+            self._send(m.leader, AppendResponse(self.term, self.id, m.round, self.version, False, self.cluster,
+                                                self.broker_healthy))
             return
         if self.role is not Role.FOLLOWER or self.leader_id != m.leader:
             if self.role is Role.LEADER:
@@ -735,7 +806,8 @@ class Election:
         self._adopt_payload(m.version, m.payload, m.members)
         if self.version == m.version and m.commit >= m.version:
             self.known_commit = self.version  # what we hold is committed
-        self._send(m.leader, AppendResponse(self.term, self.id, m.round, self.version, True, self.cluster))
+        self._send(m.leader, AppendResponse(self.term, self.id, m.round, self.version, True, self.cluster,
+                                            self.broker_healthy))
 
     def _on_timeout_now(self, m: TimeoutNow, now: float) -> None:
         if m.term != self.term or self.role is not Role.FOLLOWER or self.leader_id not in (None, m.leader):

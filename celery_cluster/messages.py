@@ -74,6 +74,8 @@ class VoteRequest:
     #: The candidate's bootstrap list while it has no replicated configuration (else None):
     #: a node of another cluster can then name both lists in its refusal.
     members: tuple[str, ...] | None = None
+    #: Whether the candidate's broker works (a voter whose own works refuses it a pre-vote).
+    healthy: bool = True
 
     @property
     def sender(self) -> str:
@@ -87,6 +89,8 @@ class VoteResponse:
     granted: bool
     prevote: bool = False
     cluster: str = ""
+    #: Whether the voter's broker works.
+    healthy: bool = True
 
     @property
     def sender(self) -> str:
@@ -121,6 +125,8 @@ class AppendResponse:
     version: Version
     success: bool
     cluster: str = ""
+    #: Whether the follower's broker works (the leader hands over to one whose does, if its own fails).
+    healthy: bool = True
 
     @property
     def sender(self) -> str:
@@ -212,7 +218,7 @@ def _check(name: str, field: str, value: Any) -> Any:
         if not isinstance(value, str) or not value or len(value) > MAX_ADDRESS_LEN:
             raise ProtocolError(f"{where} must be a node address string")
         return value
-    if field in ("prevote", "transfer", "granted", "success"):
+    if field in ("prevote", "transfer", "granted", "success", "healthy"):
         if not isinstance(value, bool):
             raise ProtocolError(f"{where} must be true or false")
         return value

@@ -83,6 +83,12 @@ class ClusterCollector:
         yield leader
         yield gauge("failed", "1 if this node fail-stopped because its state could not be made durable.",
                     1 if status["failure"] else 0)
+        yield gauge("broker_healthy", "1 while this node's broker answers (as its probe last saw; always 1 "
+                    "without one, e.g. a standalone node).", 1 if status["broker_healthy"] else 0)
+        members = gauge("members", "1 for each voting member in this node's configuration.", labels=("member",))
+        for m in status["members"]:
+            members.add_metric([m], 1)
+        yield members
         stats = node.stats
         yield counter("elections_started", "Elections this node started (terms it campaigned in).",
                       stats.elections_started)

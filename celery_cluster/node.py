@@ -197,6 +197,7 @@ class Node:
             election_timeout=timing.election_timeout,
             heartbeat_interval=timing.heartbeat_interval,
             max_clock_drift=timing.max_clock_drift,
+            broker_grace=timing.broker_grace,
             state=state or HardState(),
             join=join and not (state and state.members),
         )
@@ -396,6 +397,20 @@ class Node:
                     return False
                 self._committed.wait(left)
 
+    # -- broker health ------------------------------------------------------------
+
+    def set_broker_health(self, healthy: bool) -> None:
+        """Whether this node's broker works (the worker's probe says, every half second or
+        so). A leader whose broker stays down for the broker grace hands over to a member
+        whose broker works (reason ``broker_unreachable``)."""
+        with self._lock:
+            if self._stopped or self.failure is not None:
+                return
+            if healthy != self.core.broker_healthy:
+                self.log.warning("[cluster] %s: the broker %s", self.id,
+                                 "works again" if healthy else "does not answer")
+            self._handle(self.core.set_broker_health(healthy, self.clock()))
+
     # -- membership -------------------------------------------------------------
 
     def add_member(self, node: str, timeout: float) -> tuple[str, ...]:
@@ -481,6 +496,7 @@ class Node:
                                       if c.contact_leader is not None and c.role is not Role.LEADER else None),
                 "clock": CLOCK_NAME,
                 "payload_version": list(c.version),
+                "broker_healthy": c.broker_healthy,
                 "members": list(c.members),
                 "config_version": list(c.config_version),
                 "learners": sorted(c.learners) if c.role is Role.LEADER else [],
@@ -494,6 +510,8 @@ class Node:
                     {
                         "address": p,
                         "last_contact_ms": round((now - c.last_heard[p]) * 1000, 1) if p in c.last_heard else None,
+                        # The leader's view of the peer's broker (None on followers, or not heard yet).
+                        "broker_healthy": c.peer_healthy.get(p) if c.role is Role.LEADER else None,
                     }
                     for p in (*c.peers, *(sorted(c.learners) if c.role is Role.LEADER else ()))
                 ],

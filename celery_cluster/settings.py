@@ -16,6 +16,7 @@ from typing import Any
 from click import Option
 
 from .config import (
+    DEFAULT_BROKER_GRACE,
     DEFAULT_ELECTION_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     Membership,
@@ -47,6 +48,8 @@ OPTIONS: dict[str, tuple[str, Any]] = {
                          format_range(DEFAULT_ELECTION_TIMEOUT)),
     "heartbeat_interval": (f"Leader heartbeat interval in seconds (default {DEFAULT_HEARTBEAT_INTERVAL:g}).",
                            str(DEFAULT_HEARTBEAT_INTERVAL)),
+    "broker_grace": (f"Seconds the leader's broker may be unreachable before it hands over to a worker whose "
+                     f"broker works (default {DEFAULT_BROKER_GRACE:g}).", str(DEFAULT_BROKER_GRACE)),
     "leader_queue": (f"Queue only the leader consumes (default {DEFAULT_LEADER_QUEUE}).", DEFAULT_LEADER_QUEUE),
     "beat": ("Run the beat schedule on the leader: yes/no (default yes).", "yes"),
 }
@@ -161,7 +164,8 @@ def resolve(conf: Any, cli: Mapping[str, Any], env: Mapping[str, str] = os.envir
             raise ConfigurationError(f"invalid --cluster-heartbeat-interval {heartbeat!r}: "
                                      "expected seconds such as 0.1") from None
     timing = Timing(DEFAULT_ELECTION_TIMEOUT if not raw["election_timeout"] else raw["election_timeout"],
-                    DEFAULT_HEARTBEAT_INTERVAL if heartbeat is None else heartbeat)
+                    DEFAULT_HEARTBEAT_INTERVAL if heartbeat is None else heartbeat,
+                    broker_grace=DEFAULT_BROKER_GRACE if raw["broker_grace"] in (None, "") else raw["broker_grace"])
     return ClusterSettings(
         membership=membership,
         listen=listen,

@@ -351,26 +351,23 @@ def _change_members(ctx: click.Context, op: str, address: str, timeout: float) -
                                          "see `celery -A proj cluster status`", exit_code=EXIT_NO_REPLY)
 
 
-@cluster.command(name="add", cls=CeleryCommand)
-@click.argument("address")
-@click.option("-t", "--timeout", cls=CeleryOption, type=float, default=40.0, show_default=True,
-              help_group="Remote Control Options", help="Seconds to wait for the change to be committed.")
-@click.pass_context
-@handle_preload_options
-def add(ctx: click.Context, address: str, timeout: float, **kwargs: Any) -> None:
-    """Add the worker at HOST:PORT (started with --cluster-join) as a member."""
-    _change_members(ctx, "add", address, timeout)
+def _members_command(op: str, doc: str) -> click.Command:
+    """``celery cluster add|remove HOST:PORT``: the same command, one operation each."""
+
+    @click.argument("address")
+    @click.option("-t", "--timeout", cls=CeleryOption, type=float, default=40.0, show_default=True,
+                  help_group="Remote Control Options", help="Seconds to wait for the change to be committed.")
+    @click.pass_context
+    @handle_preload_options
+    def command(ctx: click.Context, address: str, timeout: float, **kwargs: Any) -> None:
+        _change_members(ctx, op, address, timeout)
+
+    command.__doc__ = doc
+    return cluster.command(name=op, cls=CeleryCommand)(command)
 
 
-@cluster.command(name="remove", cls=CeleryCommand)
-@click.argument("address")
-@click.option("-t", "--timeout", cls=CeleryOption, type=float, default=40.0, show_default=True,
-              help_group="Remote Control Options", help="Seconds to wait for the change to be committed.")
-@click.pass_context
-@handle_preload_options
-def remove(ctx: click.Context, address: str, timeout: float, **kwargs: Any) -> None:
-    """Remove the member at HOST:PORT (before scaling a worker away for good)."""
-    _change_members(ctx, "remove", address, timeout)
+add = _members_command("add", "Add the worker at HOST:PORT (started with --cluster-join) as a member.")
+remove = _members_command("remove", "Remove the member at HOST:PORT (before scaling a worker away for good).")
 
 
 __all__ = ["cluster", "status", "stepdown", "add", "remove", "request_status", "build_rows", "format_table",

@@ -45,6 +45,7 @@ from celery.exceptions import ImproperlyConfigured
 
 from . import leader_state, signals, task_counts
 from .beat import LeaderBeat
+from .broker_probe import BrokerProbe
 from .clock import lease_clock
 from .cluster import Cluster
 from .config import default_state_dir, parse_address
@@ -163,6 +164,7 @@ class ClusterStep(bootsteps.StartStopStep):
         self.app: Celery = worker.app
         self.worker = worker
         self.cluster: Cluster | None = None
+        self.broker_probe: BrokerProbe | None = None
         self._member_change: dict[str, Any] | None = None  # the latest `cluster add|remove` on this worker
         self.beat: LeaderBeat | None = None
         self.leading_term: int | None = None
@@ -265,6 +267,12 @@ class ClusterStep(bootsteps.StartStopStep):
                                                daemon=True)
         self._signal_thread.start()
         self.cluster.start()
+        # Leadership follows the broker: a leader whose broker does not answer for the broker
+        # grace hands over to a worker whose broker does. Bounded: at most the minimum election
+        # timeout per probe.
+        self.broker_probe = BrokerProbe(self.app, self.settings.leader_queue, self.cluster.node.set_broker_health,
+                                        timeout=self.settings.timing.election_timeout[0])
+        self.broker_probe.start()
 
     def close(self, w: Any) -> None:
         if self.cluster is not None:
@@ -349,6 +357,8 @@ class ClusterStep(bootsteps.StartStopStep):
             self.consuming_leader_queue = False
 
     def _shutdown(self) -> None:
+        if self.broker_probe is not None:
+            self.broker_probe.stop()
         if self.cluster is not None:
             self.cluster.node.retire()  # gives leadership up (revoking the lease) if close() did not
         with self._lock:
@@ -372,6 +382,7 @@ class ClusterStep(bootsteps.StartStopStep):
                                                       "beat_last_error": None, "beat_last_error_at": None}),
             "leader_queue": self.settings.leader_queue if self.settings else None,
             "leader_queue_consumed": self.consuming_leader_queue,
+            "broker_probe_error": self.broker_probe.last_error if self.broker_probe is not None else None,
             **self._beat_entries(beat),
         }
 

@@ -36,6 +36,7 @@ Driving the cluster::
     add n1 n4 [fails TEXT]          leader n1 adds n4 (a learner first, a member once caught up)
     remove n1 n3 [fails TEXT]       leader n1 removes n3 (itself too)
     static n3 n1 n2 n3 n4           restart n3 with this --cluster-nodes list (start it if new)
+    broker n1 [n2..] down|up        what the driver says of these nodes' broker (health)
     propose n1 [fails TEXT]         the leader replaces the payload with "p<term>.<seq>"
     transfer n1 [to n2] [fails TEXT]  leadership transfer (TimeoutNow)
     set-term n3 7                   rewrite n3's persisted term, restart it
@@ -451,6 +452,14 @@ class Scenario:
             self.s.add_node(args[0], join=False, static=args[1:])  # a new node with its own list
         else:
             self.s.set_static(args[0], args[1:])
+
+    def cmd_broker(self, args: list[str]) -> None:
+        *names, state = args
+        if state not in ("down", "up"):
+            raise Failed("expected 'broker NODE... down|up'")
+        for name in names:
+            self.live(name)
+            self.s.call(name, lambda c, now: c.set_broker_health(state == "up", now))
 
     def cmd_set_term(self, args: list[str]) -> None:
         self.s.set_hard_state(self.node(args[0]), term=int(args[1]))

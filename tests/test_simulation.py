@@ -6,7 +6,7 @@ drop/duplicate/delay bursts, proposals, leadership transfers, a disk that
 fails on its Nth write - the node fail-stops and is restarted when the fault
 ends - and membership changes: a spare node started to join and added by the
 leader, removals of any member or of the leader itself, a node restarted with
-a different static list). The safety
+a different static list; brokers reported down, the leader's or everyone's). The safety
 invariants are checked after every simulated event; at the end the network is
 healed and, after staying stable for 2x the maximum election timeout, exactly
 one node must hold the lease and keep it.
@@ -64,6 +64,7 @@ def fault_strategy(n: int) -> st.SearchStrategy:
         st.tuples(st.just("add"), at, st.integers(0, SPARES - 1)),
         st.tuples(st.just("remove"), at, st.integers(0, n + SPARES)),  # n: the leader; above: spares
         st.tuples(st.just("static"), at, node),
+        st.tuples(st.just("broker"), at, st.lists(node, min_size=1, max_size=n + 1), length),  # brokers down
     )
 
 
@@ -118,6 +119,13 @@ def run_schedule(schedule: dict) -> dict[str, int]:
     for i in sim.ids:
         if sim.nodes[i].core is None:
             sim.start(i)
+    for i in sim.ids:  # every broker back
+        core = sim.nodes[i].core
+        if core is not None and not core.broker_healthy:
+            if sim.t >= sim.nodes[i].paused_until:
+                sim.call(i, lambda c, now: c.set_broker_health(True, now))
+            else:  # paused: its driver would say so as it resumes; a healthy broker sends nothing
+                core.broker_healthy, core.broker_down_since = True, None
     # Stable from the moment the last paused node resumes.
     stable_from = max(sim.t, *(sim.nodes[i].paused_until for i in sim.ids))
     sim.run_until(stable_from + 2 * TIMEOUT[1])
@@ -158,6 +166,8 @@ def resolve_leader(sim: Sim, ids: list[str], action: tuple) -> tuple:
         return leader if x == n else x
     if action[0] in ("crash", "pause", "higher_term", "disk", "remove", "static"):
         return (*action[:2], fix(action[2]), *action[3:])
+    if action[0] == "broker":
+        return (*action[:2], [fix(x) for x in action[2]], *action[3:])
     if action[0] in ("oneway", "cut", "slow"):
         return (*action[:2], (fix(action[2][0]), fix(action[2][1]), *action[2][2:]), *action[3:])
     return action
@@ -220,6 +230,10 @@ def apply_action(sim: Sim, ids: list[str], action: tuple) -> None:
                         sim.call(i, lambda c, now: c.remove_member(node, now))
                 except ClusterError:  # refused (pending change, no live majority...): nothing changed
                     pass
+    elif kind == "broker":
+        for node in {ids[k] for k in action[2]}:
+            if sim.nodes[node].core is not None and sim.t >= sim.nodes[node].paused_until:
+                sim.call(node, lambda c, now: c.set_broker_health(False, now))
     elif kind == "static":
         node = ids[action[2]]
         # A rolling edit of --cluster-nodes (the bootstrap list plus the spares), or a stale list
@@ -242,6 +256,11 @@ def apply_action(sim: Sim, ids: list[str], action: tuple) -> None:
             sim.blocked.clear()
         elif fault[0] == "slow":
             sim.slow.clear()
+        elif fault[0] == "broker":
+            for node in sim.ids:
+                n = sim.nodes[node]
+                if n.core is not None and sim.t >= n.paused_until and not n.core.broker_healthy:
+                    sim.call(node, lambda c, now: c.set_broker_health(True, now))
         elif fault[0] == "lossy":
             sim.drop = sim.dup = 0.0
             sim.delay = (0.0005, 0.002)

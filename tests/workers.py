@@ -294,6 +294,8 @@ class Worker:
         self.join: list[str] | None = None
         #: A fixed ``--cluster-nodes`` list (default: every clustered worker of the test cluster).
         self.static: list[str] | None = None
+        #: Extra environment for this worker only (e.g. its own broker URL, through a proxy).
+        self.env: dict[str, str] = {}
 
     @property
     def address(self) -> str:
@@ -317,7 +319,7 @@ class Worker:
     def start(self, extra_args: Sequence[str] = ()) -> Incarnation:
         assert not self.alive, f"{self.name} is already running"
         log = self.cluster.tmp / f"{self.name}.{len(self.runs)}.log"
-        env = {**self.cluster.env, "CC_TEST_NODE": self.name}
+        env = {**self.cluster.env, "CC_TEST_NODE": self.name, **self.env}
         with open(log, "wb") as out:
             proc = subprocess.Popen([*self.argv(), *extra_args], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
