@@ -25,7 +25,10 @@ firing (Raft's up-to-date rule), so no due time fires twice across a failover
 and none is skipped; an overdue entry fires once, late, as after a restart.
 The one window: a leader that *crashes* or loses its lease unplanned (pause,
 partition) after step 1 commits but before step 3 publishes loses that run -
-the new leader sees it as done.
+the new leader sees it as done. The same holds for a broker that stops answering
+in that gap; while the broker probe already says it does not answer, nothing is
+recorded at all (step 0): the runs stay due, for the member the leader hands over
+to or for itself once the broker answers.
 
 Beat is supervised: an exception anywhere in the scheduler (building it,
 ``tick()``, a scheduler of the user's) is logged, and the scheduler is built
@@ -62,6 +65,8 @@ PAYLOAD_FORMAT = 1
 #: bounds the documented window: a leader that crashes between an update's commit and its
 #: publishes loses the runs of that one update - at most this many.
 MAX_BATCH = 100
+#: Seconds between looks at the broker while its probe says it does not answer.
+BROKER_RETRY = 0.5
 
 
 #: name -> (last_run_at, total_run_count): what the cluster knows was fired, per entry.
@@ -118,6 +123,7 @@ class ReplicatedSchedulerMixin:
     cluster_beat: LeaderBeat
     _seeded: Any = None  # the schedule mapping the replicated state was last applied to
     _batch: list[tuple[Any, Any, Any]] | None = None  # (entry, reserved, producer) while tick() collects
+    _broker_down_logged = False  # said once per outage
 
     def setup_schedule(self) -> None:
         self._state: ScheduleState
@@ -190,6 +196,20 @@ class ReplicatedSchedulerMixin:
         """Record ``batch`` (entry, reserved entry, producer) in the replicated state, then
         publish each - under one piece of leader work a planned handover waits for."""
         beat = self.cluster_beat
+        if not beat.cluster.broker_healthy:
+            # The broker's probe says it does not answer: record nothing we could not send. The
+            # runs stay due - for the member we hand over to after the grace, or for us once
+            # the broker answers again (then they fire once, late, as after a restart).
+            if not self._broker_down_logged:
+                log.warning("[cluster] beat: the broker does not answer; %d due run(s) wait for it (or for the "
+                            "member this one hands over to)", len(batch))
+                self._broker_down_logged = True
+            beat.counts.inc("held_broker_down", amount=len(batch))
+            for entry, _, _ in reversed(batch):
+                self._withdraw(entry)
+            beat._wait(BROKER_RETRY)
+            return
+        self._broker_down_logged = False
         state, terms = dict(self._state), dict(self._terms)
         for entry, reserved, _ in batch:
             state[entry.name] = (reserved.last_run_at, reserved.total_run_count)

@@ -291,6 +291,11 @@ class Cluster:
         return self.node.failure
 
     @property
+    def broker_healthy(self) -> bool:
+        """Whether this node's broker answered its last probe (always True without a probe)."""
+        return self.node.broker_healthy
+
+    @property
     def members(self) -> tuple[str, ...]:
         """The voting members this node uses now (the replicated configuration, once there is one)."""
         return self.node.members

@@ -399,6 +399,12 @@ class Node:
 
     # -- broker health ------------------------------------------------------------
 
+    @property
+    def broker_healthy(self) -> bool:
+        """Whether this node's broker answered its last probe (always True without a probe)."""
+        with self._lock:
+            return self.core.broker_healthy
+
     def set_broker_health(self, healthy: bool) -> None:
         """Whether this node's broker works (the worker's probe says, every half second or
         so). A leader whose broker stays down for the broker grace hands over to a member

@@ -420,8 +420,10 @@ class ClusterStep(bootsteps.StartStopStep):
             counter("beat_publish_failures", "Due runs whose publish to the broker failed.",
                     {(): counts.get(("publish_failed",), 0)}),
             counter("beat_runs_not_sent", "Due runs not sent by this worker: left for the next leader "
-                    "(not recorded) or lost to the lease (recorded, then the lease ended).",
-                    {(reason,): counts.get((reason,), 0) for reason in ("left_for_successor", "lost_to_lease")},
+                    "(not recorded), lost to the lease (recorded, then the lease ended), or held while the "
+                    "broker did not answer (not recorded; they stay due).",
+                    {(reason,): counts.get((reason,), 0)
+                     for reason in ("left_for_successor", "lost_to_lease", "held_broker_down")},
                     ("reason",)),
             gauge("leader_queue_consumed", "1 while this worker consumes the leader queue.",
                   1 if self.consuming_leader_queue else 0),

@@ -42,6 +42,7 @@ class StubCluster:
         self.timing = Timing((0.2, 0.4), 0.05)
         self.proposals: list[str] = []
         self.commits = True
+        self.broker_healthy = True
 
     def propose(self, text: str) -> tuple[int, int]:
         self.proposals.append(text)
@@ -149,6 +150,25 @@ def test_a_handover_under_way_leaves_the_due_run_unrecorded_for_the_successor(ap
     scheduler._heap = None
     scheduler.tick()
     assert len(cluster.proposals) == 1 and len(RecordingScheduler.sent) == 1
+
+
+def test_runs_due_while_the_broker_does_not_answer_are_not_recorded_and_stay_due(app: Celery) -> None:
+    """Beat never records a firing it could not publish: while the probe says the broker is
+    down, nothing is proposed or sent; the run stays due and fires once when it answers."""
+    cluster, lead = StubCluster(), StubLeadership()
+    beat, scheduler = make(app, cluster, lead)
+    scheduler.schedule["every-second"].last_run_at = app.now() - datetime.timedelta(seconds=5)
+    scheduler._heap = None
+    cluster.broker_healthy = False
+    scheduler.tick()
+    scheduler.tick()
+    assert cluster.proposals == [] and RecordingScheduler.sent == []
+    assert beat.counts.snapshot()[("held_broker_down",)] == 2
+    cluster.broker_healthy = True
+    scheduler.tick()
+    assert len(cluster.proposals) == 1 and len(RecordingScheduler.sent) == 1
+    scheduler.tick()
+    assert len(RecordingScheduler.sent) == 1  # once
 
 
 class FailingScheduler(RecordingScheduler):
