@@ -15,7 +15,7 @@ the other or pipelined. After every request:
 * a 2xx only for a read (GET/HEAD of ``status``, ``id``, ``health``, ``metrics``, ``overview``,
   the page; OPTIONS with an empty body)
   or for a validly signed, well-formed RPC from a peer - which a canonical request also must get;
-* term, vote, payload (version and text), "heard from" and the state file are untouched unless
+* term, vote, payload (version and text), members, "heard from" and the state file are untouched unless
   the request was validly signed (fresh timestamp, a peer's name, a well-formed message of the
   route's type from that same peer); after such a request the state file still loads and holds
   what the node holds;
@@ -86,12 +86,16 @@ SENDER_FIELD = {"requestvote": "candidate", "prevote": "candidate", "appendentri
 #: in celery_cluster/messages.py, written out again here so the test does not trust the decoder.
 FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "VoteRequest": {"term": ("term", True), "candidate": ("address", True), "version": ("version", True),
-                    "prevote": ("bool", False), "transfer": ("bool", False)},
+                    "prevote": ("bool", False), "transfer": ("bool", False), "cluster": ("cluster", False),
+                    "members": ("members", False), "healthy": ("bool", False)},
     "AppendEntries": {"term": ("term", True), "leader": ("address", True), "round": ("count", True),
-                      "version": ("version", True), "payload": ("payload", False)},
+                      "version": ("version", True), "payload": ("payload", False), "members": ("members", False),
+                      "cluster": ("cluster", False), "commit": ("version", False)},
     "TimeoutNow": {"term": ("term", True), "leader": ("address", True), "version": ("version", True),
-                   "payload": ("payload", False)},
+                   "payload": ("payload", False), "members": ("members", False), "cluster": ("cluster", False)},
 }
+#: Most members a configuration may list; the longest cluster id (messages.py, written out again).
+MAX_MEMBERS, MAX_CLUSTER_ID = 64, 64
 #: The signature headers (celery_cluster/auth.py; spelled out so a rename there shows up here).
 SENDER_HEADER = "X-Cluster-Sender"
 TIMESTAMP_HEADER = "X-Cluster-Timestamp"
@@ -116,6 +120,11 @@ class Target:
     def port(self) -> int:
         assert self.cl.port is not None
         return self.cl.port
+
+    @property
+    def cluster_id(self) -> str:
+        """The node's cluster id (messages carrying another are dropped, changing nothing)."""
+        return self.cl.node.core.cluster
 
     @property
     def me(self) -> str:
@@ -189,6 +198,8 @@ def snapshot(t: Target) -> dict[str, Any]:
         "voted_for": st_["voted_for"],
         "payload_version": tuple(st_["payload_version"]),
         "payload_sha256": hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:16],
+        "members": tuple(st_["members"]),
+        "config_version": tuple(st_["config_version"]),
         "heard": dict(heard) if isinstance(heard, dict)
         else {n["address"]: n["last_contact_ms"] is not None for n in st_["nodes"]},
         "failure": st_.get("failure"),
@@ -204,7 +215,9 @@ def check_state_file(t: Target, ctx: str) -> None:
         stored = StateFile(t.state_dir, t.me).load()
     except Exception as exc:  # noqa: BLE001 - report what broke the file
         raise AssertionError(f"the state file no longer loads: {exc!r}\n{ctx}") from None
-    held = HardState(st_["term"], st_["voted_for"], version, payload)
+    core = t.cl.node.core  # the replicated configuration, once a leader (or a message) gave one
+    held = HardState(st_["term"], st_["voted_for"], version, payload,
+                     *((tuple(st_["members"]), tuple(st_["config_version"]), core.cluster) if core.replicated else ()))
     assert stored == held, f"state file {stored!r} != node {held!r}\n{ctx}"
     assert st_.get("failure") is None, f"the node fail-stopped: {st_.get('failure')}\n{ctx}"
 
@@ -421,6 +434,11 @@ def _field_ok(kind: str, v: Any) -> bool:
         return isinstance(v, list) and len(v) == 2 and all(_count(x, MAX_TERM) for x in v)
     if kind == "payload":
         return v is None or (isinstance(v, str) and len(v) <= MAX_PAYLOAD_LEN)
+    if kind == "cluster":
+        return isinstance(v, str) and len(v) <= MAX_CLUSTER_ID
+    if kind == "members":
+        return v is None or (isinstance(v, list) and 0 < len(v) <= MAX_MEMBERS
+                             and all(_field_ok("address", m) for m in v) and len(set(v)) == len(v))
     raise AssertionError(kind)
 
 
@@ -676,6 +694,21 @@ def valid_message(data: st.DataObject, t: Target, route: str, sender: str) -> di
     if route == "appendentries":
         msg["round"] = data.draw(st.one_of(st.integers(0, 50), st.just(MAX_NUMBER), st.integers(0, MAX_NUMBER)),
                                  label="round")
+    if data.draw(st.booleans(), label="cluster id present"):
+        msg["cluster"] = data.draw(st.sampled_from(["", t.cluster_id, "0123456789abcdef", "x" * 64]),
+                                   label="cluster id")
+    if route in ("appendentries", "timeoutnow", "requestvote", "prevote") and data.draw(
+            st.booleans(), label="members present"):
+        # Subsets of [A, B, C]: a member list naming another node would make it a peer (rightly),
+        # which the oracle's fixed idea of "a peer" does not follow. Bad lists come from mutate().
+        msg["members"] = data.draw(st.one_of(st.just(None), st.just(list(t.nodes)),
+                                             st.lists(st.sampled_from(t.nodes), min_size=1, max_size=3, unique=True)),
+                                   label="members")
+    if route in ("requestvote", "prevote") and data.draw(st.booleans(), label="healthy present"):
+        msg["healthy"] = data.draw(st.booleans(), label="healthy")
+    if route == "appendentries" and data.draw(st.booleans(), label="commit present"):
+        msg["commit"] = [draw_number(data, st_["payload_version"][0], "commit term"),
+                         draw_number(data, st_["payload_version"][1], "commit seq")]
     if route in ("appendentries", "timeoutnow"):
         payload = pick(data, [(2, "absent"), (2, "null"), (3, "text"), (1, "big")], "payload")
         if payload == "null":
