@@ -48,9 +48,10 @@ class BrokerProbe:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop probing; never waits (a worker's shutdown must not wait on a broker that may
+        not answer): the probe thread ends at its next look, its connection is closed in
+        the background."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(self.timeout + 1)
         self._drop_connection()
 
     def _run(self) -> None:

@@ -267,12 +267,14 @@ class ClusterStep(bootsteps.StartStopStep):
                                                daemon=True)
         self._signal_thread.start()
         self.cluster.start()
-        # Leadership follows the broker: a leader whose broker does not answer for the broker
-        # grace hands over to a worker whose broker does. Bounded: at most the minimum election
-        # timeout per probe.
-        self.broker_probe = BrokerProbe(self.app, self.settings.leader_queue, self.cluster.node.set_broker_health,
-                                        timeout=self.settings.timing.election_timeout[0])
-        self.broker_probe.start()
+        # Leadership follows the broker (--cluster-broker-probe): a leader whose broker does not
+        # answer for the broker grace hands over to a worker whose broker does. Bounded: at most
+        # the minimum election timeout per probe.
+        if self.settings.broker_probe:
+            self.broker_probe = BrokerProbe(self.app, self.settings.leader_queue,
+                                            self.cluster.node.set_broker_health,
+                                            timeout=self.settings.timing.election_timeout[0])
+            self.broker_probe.start()
 
     def close(self, w: Any) -> None:
         if self.cluster is not None:
@@ -357,8 +359,6 @@ class ClusterStep(bootsteps.StartStopStep):
             self.consuming_leader_queue = False
 
     def _shutdown(self) -> None:
-        if self.broker_probe is not None:
-            self.broker_probe.stop()
         if self.cluster is not None:
             self.cluster.node.retire()  # gives leadership up (revoking the lease) if close() did not
         with self._lock:
@@ -371,6 +371,8 @@ class ClusterStep(bootsteps.StartStopStep):
             self._signal_thread.join(5.0)  # let receivers see leadership_lost, within bounds
         if self.cluster is not None:
             self.cluster.stop(transfer=True)
+        if self.broker_probe is not None:
+            self.broker_probe.stop()  # after the node: its verdicts are ignored once it stopped
 
     def _status_extras(self) -> dict[str, Any]:
         beat = self.beat

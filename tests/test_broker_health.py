@@ -37,7 +37,7 @@ def proxied(clusters: Any, tmp_path: Path) -> Any:
     procs: list[subprocess.Popen[bytes]] = []
 
     def make() -> tuple[Cluster, dict[str, ProxyControl]]:
-        c = clusters("redis", extra_args=["--cluster-broker-grace", str(GRACE)])
+        c = clusters("redis", extra_args=["--cluster-broker-grace", str(GRACE), "--cluster-broker-probe", "yes"])
         url = c.broker.url
         host_port, _, db = url.removeprefix("redis://").partition("/")
         proxies = {}
