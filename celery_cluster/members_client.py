@@ -23,7 +23,9 @@ PATH = "/cluster/members"
 MAX_HOPS = 3
 
 
-def _session(tls: TLSConfig | None) -> tuple[requests.Session, str]:
+def session_for(tls: TLSConfig | None) -> tuple[requests.Session, str]:
+    """A session for cluster routes (no environment proxy; the cluster's CA and our certificate
+    with TLS) and the URL scheme to use with it."""
     session = requests.Session()
     session.trust_env = False  # a proxy from the environment must not see cluster traffic
     if tls is None:
@@ -39,7 +41,7 @@ def change_members(nodes: Iterable[str], op: str, address: str, *, signer: Signe
     ``config_version``); raises :class:`MembershipError` with the reason otherwise."""
     if op not in ("add", "remove"):
         raise ValueError(f"op must be add or remove, not {op!r}")
-    session, scheme = _session(tls)
+    session, scheme = session_for(tls)
     body = json.dumps({op: address}).encode()
     problems: list[str] = []
     with session:

@@ -16,6 +16,7 @@ from typing import Any
 import click
 import requests
 
+from . import members_client
 from .auth import Signer, load_secret
 from .config import parse_address
 from .errors import ClusterError, MembershipError
@@ -32,11 +33,7 @@ class MembersFailed(click.ClickException):
 
 def read_members(node: str, tls: TLSConfig | None = None, timeout: float = 5.0) -> dict[str, Any]:
     """``node``'s view: its members, configuration version and leader."""
-    session = requests.Session()
-    session.trust_env = False
-    scheme = "http"
-    if tls is not None:
-        scheme, session.verify, session.cert = "https", tls.ca, (tls.cert, tls.key)
+    session, scheme = members_client.session_for(tls)
     with session:
         try:
             status: dict[str, Any] = session.get(f"{scheme}://{node}/cluster/status", timeout=timeout).json()
