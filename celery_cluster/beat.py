@@ -13,9 +13,15 @@ For the firings of every round - everything ``tick()`` finds due at once, see
 2. re-checks the lease (``is_leader(now)``) right before each publish;
 3. publishes with headers ``cluster_term`` (the fencing token) and
    ``cluster_run`` (the entry's replicated run count: a duplicate firing would
-   repeat a number, a skipped one would leave a gap).
+   repeat a number, a skipped one would leave a gap), each publish bounded
+   (:mod:`celery_cluster.beat_publish`: at most the minimum election timeout,
+   and nothing of a failed publish reaches the broker later);
+4. takes back what the broker did not take: a publish that failed on a broker
+   error drops the connection, tells the node, and restores those entries'
+   previous runs in a second replicated update - they stay due, for this
+   leader once its broker answers or for the member it hands over to.
 
-Steps 1-3 run as one piece of leader work (``Leadership.acting``): a planned
+Steps 1-4 run as one piece of leader work (``Leadership.acting``): a planned
 handover (stepdown, warm shutdown) waits for a firing in flight to be
 published before it gives the lease away, so it neither loses that run nor
 lets the successor repeat it.
@@ -23,12 +29,13 @@ lets the successor repeat it.
 A new leader seeds its scheduler from the payload, which holds every committed
 firing (Raft's up-to-date rule), so no due time fires twice across a failover
 and none is skipped; an overdue entry fires once, late, as after a restart.
-The one window: a leader that *crashes* or loses its lease unplanned (pause,
+The windows: a leader that *crashes* or loses its lease unplanned (pause,
 partition) after step 1 commits but before step 3 publishes loses that run -
-the new leader sees it as done. The same holds for a broker that stops answering
-in that gap; while the broker probe already says it does not answer, nothing is
-recorded at all (step 0): the runs stay due, for the member the leader hands over
-to or for itself once the broker answers.
+the new leader sees it as done; so does one whose take-back (step 4) cannot
+reach a majority before its lease ends; and a publish the broker took but
+whose reply was lost within the bound is taken back and sent again (the same
+``cluster_run``: a consumer can tell). While the broker probe says the broker
+does not answer, nothing is recorded at all (step 0): the runs stay due.
 
 Beat is supervised: an exception anywhere in the scheduler (building it,
 ``tick()``, a scheduler of the user's) is logged, and the scheduler is built
@@ -41,10 +48,12 @@ running fails ``GET /cluster/health``.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -52,6 +61,7 @@ from celery.beat import PersistentScheduler, Scheduler
 from celery.signals import beat_init
 from celery.utils.imports import symbol_by_name
 
+from . import beat_publish
 from .stats import Counters
 
 if TYPE_CHECKING:
@@ -124,6 +134,31 @@ class ReplicatedSchedulerMixin:
     _seeded: Any = None  # the schedule mapping the replicated state was last applied to
     _batch: list[tuple[Any, Any, Any]] | None = None  # (entry, reserved, producer) while tick() collects
     _broker_down_logged = False  # said once per outage
+    _publish_error: BaseException | None = None  # what the last apply_async() raised
+
+    @functools.cached_property
+    def connection(self) -> Any:
+        # Celery's Scheduler.close() pops and releases it under this name, as its own.
+        return beat_publish.bounded_connection(self.app, self.cluster_beat.publish_bound)  # type: ignore[attr-defined]
+
+    def _ensure_connected(self) -> Any:
+        # Celery connects here, when the producer is first made - retrying for
+        # broker_connection_max_retries (100) while the broker is away. The bounded
+        # connection connects on the first publish instead, within the publish bound.
+        return self.connection
+
+    def _drop_connection(self) -> None:
+        """After a broker failure: forget the producer and its connection without talking to the
+        broker (a polite close could wait on it); the next publish connects afresh."""
+        self.__dict__.pop("producer", None)
+        conn = self.__dict__.pop("connection", None)
+        if conn is not None:
+            beat_publish.drop(conn)
+
+    def close(self) -> None:
+        if self.cluster_beat.broker_failed_recently():
+            self._drop_connection()
+        super().close()  # type: ignore[misc]
 
     def setup_schedule(self) -> None:
         self._state: ScheduleState
@@ -196,7 +231,7 @@ class ReplicatedSchedulerMixin:
         """Record ``batch`` (entry, reserved entry, producer) in the replicated state, then
         publish each - under one piece of leader work a planned handover waits for."""
         beat = self.cluster_beat
-        if not beat.cluster.broker_healthy:
+        if not beat.broker_answers() or beat.broker_failed_recently():
             # The broker's probe says it does not answer: record nothing we could not send. The
             # runs stay due - for the member we hand over to after the grace, or for us once
             # the broker answers again (then they fire once, late, as after a restart).
@@ -223,8 +258,13 @@ class ReplicatedSchedulerMixin:
                 for entry, _, _ in reversed(batch):  # the earliest reservation of an entry wins
                     self._withdraw(entry)
                 return
+            before = self._state, self._terms
             self._state, self._terms = state, terms
+            unsent: list[Any] = []
             for i, (entry, reserved, producer) in enumerate(batch):
+                if unsent:  # the broker failed this round: the rest wait with it
+                    unsent.append(entry)
+                    continue
                 if not beat.leadership.is_valid():  # the lease, re-checked right before each publish
                     log.warning("[cluster] beat: lease lost before sending %d recorded run(s); not sent",
                                 len(batch) - i)
@@ -232,20 +272,58 @@ class ReplicatedSchedulerMixin:
                     return
                 # The run number is replicated with the firing: unique across failovers,
                 # so consumers can spot a duplicate (same number twice) or a gap.
-                self._publish(entry, reserved.total_run_count, producer)
+                exc = self._publish(entry, reserved.total_run_count, producer)
+                if exc is not None and beat_publish.is_broker_error(exc, self.connection):
+                    unsent.append(entry)
+            if unsent:
+                self._unrecord(unsent, *before)
 
-    def _publish(self, entry: Any, run: int, producer: Any) -> None:
+    def _unrecord(self, unsent: list[Any], state: ScheduleState, terms: dict[str, int]) -> None:
+        """The broker failed to take ``unsent`` (within the publish bound, and the connection
+        is dropped, so none of it arrives later): take their firings back out of the
+        replicated state - they are due again, for this leader once its broker answers or
+        for the member it hands over to. Called as leader work, inside ``acting()``."""
+        beat = self.cluster_beat
+        self._drop_connection()
+        beat.broker_failed()
+        new_state, new_terms = dict(self._state), dict(self._terms)
+        for entry in unsent:  # ``entry`` is the one tick() reserved from: the run before this one
+            if entry.name in state:
+                new_state[entry.name] = state[entry.name]
+            else:
+                new_state[entry.name] = (entry.last_run_at, entry.total_run_count)
+            if entry.name in terms:
+                new_terms[entry.name] = terms[entry.name]
+            else:
+                new_terms.pop(entry.name, None)
+        if not beat.leadership.is_valid() or not beat.record_firing(new_state, new_terms):
+            log.error("[cluster] beat: the broker did not take %d recorded run(s) and leadership ended before "
+                      "they could be taken back: lost (%s)", len(unsent), ", ".join(e.name for e in unsent))
+            beat.counts.inc("lost_unsent", amount=len(unsent))
+            return
+        self._state, self._terms = new_state, new_terms
+        for entry in reversed(unsent):
+            self._withdraw(entry)
+        log.warning("[cluster] beat: the broker did not take %d run(s); taken back, they stay due (%s)",
+                    len(unsent), ", ".join(e.name for e in unsent))
+        beat.counts.inc("unsent_taken_back", amount=len(unsent))
+
+    def _publish(self, entry: Any, run: int, producer: Any) -> BaseException | None:
+        """Publish one firing, bounded (:mod:`celery_cluster.beat_publish`); what it raised."""
         # The headers ride on the entry's options for this one publish. The entry is not
         # copied: entry classes need not be copyable (django-celery-beat's ModelEntry
         # takes (model, app)), and nothing else uses this instance meanwhile.
         beat = self.cluster_beat
         options = entry.options
-        entry.options = {**options, "headers": {**options.get("headers", {}),
-                                                "cluster_term": beat.leadership.term, "cluster_run": run}}
+        entry.options = {**options, **beat_publish.publish_options(beat.publish_bound),
+                         "headers": {**options.get("headers", {}),
+                                     "cluster_term": beat.leadership.term, "cluster_run": run}}
+        self._publish_error = None
         try:
             super().apply_entry(entry, producer=producer)  # type: ignore[misc]
         finally:
             entry.options = options
+        return self._publish_error
 
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
         # Counted here, not in apply_entry(): Celery's apply_entry logs and swallows a
@@ -253,8 +331,9 @@ class ReplicatedSchedulerMixin:
         counts = self.cluster_beat.counts
         try:
             result = super().apply_async(entry, producer, advance, **kwargs)  # type: ignore[misc]
-        except Exception:
+        except Exception as exc:
             counts.inc("publish_failed")
+            self._publish_error = exc
             raise
         counts.inc("published")
         return result
@@ -292,11 +371,15 @@ class LeaderBeat:
 
     def __init__(self, app: Celery, cluster: Cluster, leadership: Leadership, *,
                  scheduler: str | type | None = None, commit_timeout: float | None = None,
-                 counts: Counters | None = None) -> None:
+                 counts: Counters | None = None, follow_broker: bool = False,
+                 broker_answers: Callable[[], bool] | None = None) -> None:
         self.app = app
         #: Outcomes for metrics, by event: ``published``, ``publish_failed``, ``restart``,
-        #: ``left_for_successor`` (due runs not recorded: the next leader sends them) and
-        #: ``lost_to_lease`` (recorded, then not sent: the lease ended in between). The
+        #: ``left_for_successor`` (due runs not recorded: the next leader sends them),
+        #: ``lost_to_lease`` (recorded, then not sent: the lease ended in between),
+        #: ``unsent_taken_back`` (the broker did not take them: unrecorded, due again),
+        #: ``lost_unsent`` (that, but leadership ended before they could be taken back)
+        #: and ``held_broker_down`` (due while the broker did not answer: not fired yet). The
         #: worker passes one Counters for all its terms, so they only grow.
         self.counts = counts if counts is not None else Counters()
         self.cluster = cluster
@@ -304,6 +387,16 @@ class LeaderBeat:
         self.scheduler_cls = replicated_scheduler(app, self, scheduler)
         self.max_interval = float(app.conf.beat_max_loop_interval or 5.0)
         self.commit_timeout = commit_timeout or cluster.timing.election_timeout[0]
+        #: No publish of this beat takes longer (seconds): see :mod:`celery_cluster.beat_publish`.
+        self.publish_bound = beat_publish.publish_bound(cluster.timing.election_timeout[0])
+        #: Whether a failed publish tells the node its broker is down (with the broker probe,
+        #: which says when it answers again): leadership then follows the broker.
+        self.follow_broker = follow_broker
+        self._broker_failed_at: float | None = None  # time.monotonic() of the last failed publish
+        #: Whether the broker answers publishes (the probe's verdict without the consumer's
+        #: connection: beat publishes on its own connection; a consumer still reconnecting -
+        #: RabbitMQ can hold the old one for a minute - must not stop the schedule).
+        self.broker_answers = broker_answers or (lambda: cluster.broker_healthy)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"celery-cluster-beat-{leadership.term}",
                                         daemon=True)
@@ -359,6 +452,16 @@ class LeaderBeat:
                         "total_run_count": entry.total_run_count, "term": terms.get(name)})
         out.sort(key=lambda e: (e["next_run_at"] is None, e["next_run_at"] or "", e["name"]))
         return out[:limit], len(out)
+
+    def broker_failed(self) -> None:
+        """A publish failed on a broker error: hold firings for :data:`BROKER_RETRY` (and, when
+        following the broker, until the node's probe says it answers again)."""
+        self._broker_failed_at = time.monotonic()
+        if self.follow_broker:
+            self.cluster.node.set_broker_health(False)
+
+    def broker_failed_recently(self) -> bool:
+        return self._broker_failed_at is not None and time.monotonic() - self._broker_failed_at < BROKER_RETRY
 
     def record_firing(self, state: ScheduleState, terms: dict[str, int] | None = None) -> bool:
         """Replicate the schedule's state to a majority; False if leadership went first."""

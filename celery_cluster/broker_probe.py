@@ -9,7 +9,10 @@ for a few timeouts is abandoned with its connection (closed in the background), 
 one is made. A refused or reset connection fails at once.
 
 The verdict goes to ``on_health(bool)`` after every probe; the node debounces it (a leader
-hands over only after the broker grace period of continuous failures).
+hands over only after the broker grace period of continuous failures). With ``consumer_ok``
+(the worker's consumer has its broker connection), an answer counts only while the worker's
+own consumer is connected too - once it has been: a consumer that lost its connection and is
+reconnecting cannot take leader-only tasks, so the broker does not work *for this worker*.
 """
 
 from __future__ import annotations
@@ -30,13 +33,18 @@ ABANDON_AFTER = 4
 
 class BrokerProbe:
     def __init__(self, app: Any, queue: str, on_health: Callable[[bool], None], *, timeout: float,
-                 interval: float = DEFAULT_INTERVAL) -> None:
+                 interval: float = DEFAULT_INTERVAL, consumer_ok: Callable[[], bool] | None = None) -> None:
         self.app = app
+        self.consumer_ok = consumer_ok
+        self._consumer_seen = False  # the consumer has had its connection once (start-up is not an outage)
         self.queue = queue
         self.on_health = on_health
         self.timeout = timeout
         self.interval = interval
         self.healthy: bool | None = None
+        #: The broker answered the last probe (the consumer's connection aside): whether a
+        #: publish can go through, which is what the leader's beat waits for.
+        self.answers: bool | None = None
         self.last_error: str | None = None
         self._conn: Any = None
         self._inflight: tuple[threading.Event, dict[str, Any], float] | None = None
@@ -56,7 +64,7 @@ class BrokerProbe:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            healthy = self.probe()
+            healthy = self.check()
             if healthy != self.healthy:
                 if healthy:
                     log.info("[cluster] the broker answers")
@@ -69,6 +77,18 @@ class BrokerProbe:
             except Exception:
                 log.exception("[cluster] reporting broker health failed")
             self._stop.wait(self.interval)
+
+    def check(self) -> bool:
+        """One verdict: the broker answered within the timeout, and the worker's consumer (if
+        told how to ask) has its connection - or never had one yet (start-up)."""
+        healthy = self.answers = self.probe()
+        if healthy and self.consumer_ok is not None:
+            if self.consumer_ok():
+                self._consumer_seen = True
+            elif self._consumer_seen:
+                self.last_error = "the worker's consumer has lost its broker connection (reconnecting)"
+                return False
+        return healthy
 
     def probe(self) -> bool:
         """One question to the broker; True if it answered within the timeout.

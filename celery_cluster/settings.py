@@ -50,8 +50,8 @@ OPTIONS: dict[str, tuple[str, Any]] = {
                            str(DEFAULT_HEARTBEAT_INTERVAL)),
     "broker_grace": (f"Seconds the leader's broker may be unreachable before it hands over to a worker whose "
                      f"broker works (default {DEFAULT_BROKER_GRACE:g}).", str(DEFAULT_BROKER_GRACE)),
-    "broker_probe": ("Probe the broker so that a leader cut off from it hands over: yes/no (default no, "
-                     "while the probe's effect on warm shutdown is examined).", "no"),
+    "broker_probe": ("Probe the broker so that a leader cut off from it hands over: yes/no (default yes).",
+                     "yes"),
     "leader_queue": (f"Queue only the leader consumes (default {DEFAULT_LEADER_QUEUE}).", DEFAULT_LEADER_QUEUE),
     "beat": ("Run the beat schedule on the leader: yes/no (default yes).", "yes"),
 }
@@ -75,7 +75,7 @@ class ClusterSettings:
     tls: TLSConfig | None
     leader_queue: str
     beat: bool
-    broker_probe: bool = False
+    broker_probe: bool = True
     #: Members to ask to add this worker (``--cluster-join``); empty unless it joins.
     join: tuple[str, ...] = ()
 
@@ -178,6 +178,6 @@ def resolve(conf: Any, cli: Mapping[str, Any], env: Mapping[str, str] = os.envir
         tls=TLSConfig.from_options(raw["tls_cert"], raw["tls_key"], raw["tls_ca"]),
         leader_queue=leader_queue(conf, cli, env),
         beat=parse_bool("--cluster-beat", raw["beat"], True),
-        broker_probe=parse_bool("--cluster-broker-probe", raw["broker_probe"], False),
+        broker_probe=parse_bool("--cluster-broker-probe", raw["broker_probe"], True),
         join=join,
     )

@@ -273,6 +273,8 @@ class ClusterStep(bootsteps.StartStopStep):
         if self.settings.broker_probe:
             self.broker_probe = BrokerProbe(self.app, self.settings.leader_queue,
                                             self.cluster.node.set_broker_health,
+                                            consumer_ok=lambda: getattr(getattr(w, "consumer", None),
+                                                                        "connection", None) is not None,
                                             timeout=self.settings.timing.election_timeout[0])
             self.broker_probe.start()
 
@@ -300,7 +302,10 @@ class ClusterStep(bootsteps.StartStopStep):
             self.leading_term = term
             self._call_soon(self._consume_leader_queue, True)
             if self.settings.beat:
-                self.beat = LeaderBeat(self.app, self.cluster, lead, counts=self.beat_counts)
+                probe = self.broker_probe
+                self.beat = LeaderBeat(self.app, self.cluster, lead, counts=self.beat_counts,
+                                       follow_broker=probe is not None,
+                                       broker_answers=None if probe is None else lambda: probe.answers is not False)
                 self.beat.start()
         log.info("[cluster] %s leads in term %s", self.settings.advertise, term)
         self._signals.put((signals.leader_elected, term))
@@ -422,10 +427,13 @@ class ClusterStep(bootsteps.StartStopStep):
             counter("beat_publish_failures", "Due runs whose publish to the broker failed.",
                     {(): counts.get(("publish_failed",), 0)}),
             counter("beat_runs_not_sent", "Due runs not sent by this worker: left for the next leader "
-                    "(not recorded), lost to the lease (recorded, then the lease ended), or held while the "
-                    "broker did not answer (not recorded; they stay due).",
+                    "(not recorded), lost to the lease (recorded, then the lease ended), held while the "
+                    "broker did not answer (not recorded; they stay due), taken back after the broker did not "
+                    "take them (unrecorded; they stay due), or lost unsent (the broker did not take them and "
+                    "leadership ended before they could be taken back).",
                     {(reason,): counts.get((reason,), 0)
-                     for reason in ("left_for_successor", "lost_to_lease", "held_broker_down")},
+                     for reason in ("left_for_successor", "lost_to_lease", "held_broker_down", "unsent_taken_back",
+                                    "lost_unsent")},
                     ("reason",)),
             gauge("leader_queue_consumed", "1 while this worker consumes the leader queue.",
                   1 if self.consuming_leader_queue else 0),

@@ -302,3 +302,100 @@ def test_a_round_that_cannot_be_recorded_leaves_every_entry_due(app: Celery) -> 
     lead.handing_over = False
     scheduler.tick()
     assert len(cluster.proposals) == 1 and len(RecordingScheduler.sent) == 3
+
+
+class BrokerDownScheduler(RecordingScheduler):
+    """Publishes fail with ``error`` while it is set (as a publish to an unreachable broker)."""
+
+    error: BaseException | None = None
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> None:
+        if BrokerDownScheduler.error is not None:
+            raise BrokerDownScheduler.error
+        super().apply_async(entry, producer, advance, **kw)
+
+
+@pytest.fixture
+def broker_down(app: Celery) -> Iterator[Celery]:
+    app.conf.beat_scheduler = f"{__name__}:BrokerDownScheduler"
+    BrokerDownScheduler.error = ConnectionRefusedError(111, "Connection refused")
+    yield app
+    BrokerDownScheduler.error = None
+
+
+def overdue(app: Celery, scheduler: Any, seconds: float = 5, count: int = 7) -> None:
+    entry = scheduler.schedule["every-second"]
+    entry.last_run_at, entry.total_run_count = app.now() - datetime.timedelta(seconds=seconds), count
+    scheduler._heap = None
+
+
+def test_a_run_the_broker_did_not_take_is_taken_back_and_sent_once_it_does(broker_down: Celery) -> None:
+    """Beat never keeps a firing it could not publish: recorded, the publish fails on a broker
+    error, the record is taken back (a second update, back to the run before) and the run stays
+    due; held while the broker just failed; then sent once, with the run number it had."""
+    app = broker_down
+    cluster, lead = StubCluster(), StubLeadership()
+    beat, scheduler = make(app, cluster, lead)
+    overdue(app, scheduler)
+    scheduler.tick()
+    assert [decode_schedule(p)["every-second"][1] for p in cluster.proposals] == [8, 7]
+    assert RecordingScheduler.sent == []
+    counts = beat.counts.snapshot()
+    assert counts[("publish_failed",)] == 1 and counts[("unsent_taken_back",)] == 1
+    assert scheduler.schedule["every-second"].total_run_count == 7  # due again
+    scheduler.tick()  # the broker failed just now: held, nothing recorded
+    assert len(cluster.proposals) == 2 and beat.counts.snapshot()[("held_broker_down",)] == 1
+    BrokerDownScheduler.error = None
+    beat._broker_failed_at = None  # the retry pause is over
+    scheduler.tick()
+    assert RecordingScheduler.sent == [("every-second", {"cluster_term": 3, "cluster_run": 8})]
+    assert decode_schedule(cluster.proposals[-1])["every-second"][1] == 8
+    scheduler.tick()
+    assert len(RecordingScheduler.sent) == 1  # once
+
+
+def test_a_publish_failing_for_another_reason_is_not_taken_back(broker_down: Celery) -> None:
+    """Arguments that do not serialize fail on any member: the firing stays recorded (as under
+    stock beat, which logs it and moves on) instead of being retried for ever."""
+    BrokerDownScheduler.error = TypeError("Object of type set is not JSON serializable")
+    cluster, lead = StubCluster(), StubLeadership()
+    beat, scheduler = make(broker_down, cluster, lead)
+    overdue(broker_down, scheduler)
+    scheduler.tick()
+    assert [decode_schedule(p)["every-second"][1] for p in cluster.proposals] == [8]
+    assert ("unsent_taken_back",) not in beat.counts.snapshot()
+    assert not beat.broker_failed_recently()
+
+
+def test_a_run_that_cannot_be_taken_back_is_counted_lost(broker_down: Celery) -> None:
+    """The take-back needs a majority too: leadership lost before it commits, the run is lost
+    (counted, logged) - the window the README names."""
+    cluster, lead = StubCluster(), StubLeadership()
+    beat, scheduler = make(broker_down, cluster, lead)
+    overdue(broker_down, scheduler)
+    commits = 0
+
+    def firing_commits_then_leadership_ends(version: tuple[int, int], timeout: float) -> bool:
+        nonlocal commits
+        commits += 1
+        if commits == 1:
+            return True  # the firing is recorded
+        lead.valid = False  # the take-back never gets a majority: leadership ends meanwhile
+        return False
+
+    cluster.wait_committed = firing_commits_then_leadership_ends  # type: ignore[method-assign]
+    scheduler.tick()
+    assert commits == 2
+    assert beat.counts.snapshot()[("lost_unsent",)] == 1
+    assert RecordingScheduler.sent == []
+
+
+def test_a_failed_publish_tells_the_node_when_leadership_follows_the_broker(broker_down: Celery) -> None:
+    reports: list[bool] = []
+    cluster, lead = StubCluster(), StubLeadership()
+    cluster.node = type("Node", (), {"set_broker_health": lambda self, ok: reports.append(ok)})()  # type: ignore[attr-defined]
+    beat = LeaderBeat(broker_down, cluster, lead, follow_broker=True)  # type: ignore[arg-type]
+    scheduler = beat.scheduler_cls(app=broker_down, max_interval=1, lazy=False)
+    overdue(broker_down, scheduler)
+    scheduler.tick()
+    assert reports == [False]

@@ -35,6 +35,7 @@ from tests.workers import (
     FAILOVER_BOUND,
     MAX_TIMEOUT,
     REPO,
+    SHUTDOWN_WAIT,
     Broker,
     Cluster,
     RedisServer,
@@ -389,7 +390,7 @@ def test_sigterm_hands_over_and_beat_continues(clusters: Any) -> None:
     new, new_term = c.wait_leader(timeout=10, min_term=term + 1, exclude=[old.name])
     first = poll(lambda: next((s for s in c.beat_sends() if s["cluster_term"] > term), None), 10,
                  "a tick from the new leader")
-    rc = old.wait_exit(20)
+    rc = old.wait_exit(SHUTDOWN_WAIT)
     poll(lambda: set(range(n)) <= {r["i"] for r in c.records("lead")}, 30,
          "every leader-only task to run despite the handover")
     time.sleep(1.0)  # observation window for late duplicates

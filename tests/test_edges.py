@@ -33,7 +33,7 @@ from celery_cluster.cli import EXIT_STATE_NOT_DURABLE
 from celery_cluster.leader_state import LeaderState
 from tests.support import HOST, die_with_parent, free_ports
 from tests.test_celery_workers import assert_beat_fenced, clusters, measure  # noqa: F401 - fixture
-from tests.workers import MAX_TIMEOUT, Cluster, poll
+from tests.workers import MAX_TIMEOUT, SHUTDOWN_WAIT, Cluster, poll
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(240)]
 
@@ -142,7 +142,7 @@ def test_a_rolling_sigterm_of_every_worker_neither_misses_nor_repeats_a_run(clus
     for name in list(c.workers):
         w = c.workers[name]
         w.send(signal.SIGTERM)
-        assert w.wait_exit(30) == 0
+        assert w.wait_exit(SHUTDOWN_WAIT) == 0
         c.restart(name)
         c.wait_ready([name])
         leader, term = c.wait_leader(timeout=15, min_term=term)

@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any
 
 from tests.test_celery_workers import assert_beat_fenced, clusters, measure  # noqa: F401 - the fixture
-from tests.workers import REPO, Cluster, celery_cli, poll
+from tests.workers import REPO, SHUTDOWN_WAIT, Cluster, celery_cli, poll
 
 SETTLE = 30.0  # starting workers on 2 cores, several at once
 
@@ -101,7 +101,7 @@ def test_rolling_edit_then_grow_with_a_leader_kill_then_shrink(clusters: Any) ->
     c.start(["w4", "w5"])
     edited = next(w for w in c.workers.values() if w.address in first and w is not leader)
     edited.send(signal.SIGTERM)
-    edited.wait_exit(15)
+    edited.wait_exit(SHUTDOWN_WAIT)
     edited.static = list(five)
     edited.start()
     c.wait_ready([edited.name])
@@ -118,7 +118,7 @@ def test_rolling_edit_then_grow_with_a_leader_kill_then_shrink(clusters: Any) ->
     # 2. Grow 3 -> 5 with --cluster-join while the leader is killed.
     for w in (w4, w5):
         w.send(signal.SIGTERM)
-        w.wait_exit(15)
+        w.wait_exit(SHUTDOWN_WAIT)
         w.join = list(first)
         w.start()
     t_kill = leader.send(signal.SIGKILL)
@@ -141,7 +141,7 @@ def test_rolling_edit_then_grow_with_a_leader_kill_then_shrink(clusters: Any) ->
     gone.append(follower)
     for w in gone:
         w.send(signal.SIGTERM)
-        w.wait_exit(15)
+        w.wait_exit(SHUTDOWN_WAIT)
     remaining = [n for n, w in c.workers.items() if w not in gone]
     wait_members(c, remaining, [a for a in five if a not in {w.address for w in gone}])
     final, final_term = c.wait_leader(timeout=20)

@@ -82,6 +82,14 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+#: Seconds a warm shutdown (SIGTERM) may take. Not ours: billiard's pool child that finished a
+#: task in the instant the shutdown began waits up to 30 s (300 x 0.1 s,
+#: ``Worker._ensure_messages_consumed``) for the parent to read its result, which the
+#: parent's stopped event loop no longer does; seen in rolling-SIGTERM runs (the child's
+#: stack in ``_ensure_messages_consumed``, its task succeeding 2 ms after "Warm shutdown").
+SHUTDOWN_WAIT = 45.0
+
+
 def clean_env() -> dict[str, str]:
     """The test process's environment without any cluster or test-app settings."""
     return {k: v for k, v in os.environ.items()

@@ -1,6 +1,7 @@
 """The Celery app of the chaos suite's worker mode (``celery -A tests.chaos.app worker``).
 
-From the environment: ``CHAOS_BROKER`` (Redis in its own namespace), ``CHAOS_RECORDS``
+From the environment: ``CHAOS_BROKER`` (Redis in its own namespace, or RabbitMQ behind a
+relay there), ``CHAOS_RECORDS``
 (the action file), ``CHAOS_NODE`` (this worker's name), ``CHAOS_TRANSITIONS`` (this
 incarnation's JSON transition log), ``CHAOS_PERIOD`` (the beat schedule, s).
 
@@ -64,7 +65,8 @@ class JumpClock:
 
 ClusterStep.clock = staticmethod(JumpClock())  # type: ignore[assignment]
 
-app = Celery("chaos", broker=os.environ.get("CHAOS_BROKER", "redis://127.0.0.1:6379/0"))
+BROKER = os.environ.get("CHAOS_BROKER", "redis://127.0.0.1:6379/0")
+app = Celery("chaos", broker=BROKER)
 app.conf.update(
     task_default_queue="chaos",
     task_ignore_result=True,
@@ -74,7 +76,8 @@ app.conf.update(
     # come back after visibility_timeout, swept every second; and a worker killed while it held
     # the sweep's mutex blocks every sweep only until unacked_mutex_expire (default 300 s).
     broker_transport_options={"visibility_timeout": 10, "unacked_restore_interval": 1,
-                              "unacked_restore_throttle": 1, "unacked_mutex_expire": 5},
+                              "unacked_restore_throttle": 1, "unacked_mutex_expire": 5}
+    if BROKER.startswith("redis") else {},
     beat_schedule={"tick": {"task": "chaos.tick", "schedule": float(os.environ.get("CHAOS_PERIOD", "0.5"))}},
     beat_max_loop_interval=0.2,
 )

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from celery_cluster.clock import lease_clock
 from tests.chaos.checker import Verdict, check
 from tests.chaos.netns import Topology
 from tests.chaos.proxy import ProxyControl, proxy_argv
+from tests.chaos.relay import rabbitmq_in, redis_in
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = 8899
@@ -77,9 +79,20 @@ class Member:
 
 
 class ChaosRun:
-    def __init__(self, mode: str, *, nodes: int, seconds: float, seed: int, out: Path) -> None:
+    """``broker_host``: the broker gets a host of its own (index ``broker_index``), so a test can
+    cut a worker's path to it (``topo.cut(i, run.broker_index)``) and nothing else; ``broker``
+    is ``redis`` (a redis-server there) or ``rabbitmq`` (the machine's RabbitMQ, behind a
+    relay there: ``tests/chaos/relay.py``). ``worker_args`` and ``env`` go to every worker."""
+
+    def __init__(self, mode: str, *, nodes: int, seconds: float, seed: int, out: Path, broker: str = "redis",
+                 broker_host: bool = False, worker_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
         assert mode in ("standalone", "worker")
+        assert broker in ("redis", "rabbitmq") and (broker == "redis" or broker_host)
         self.mode, self.n, self.seconds, self.seed, self.out = mode, nodes, seconds, seed, out
+        self.broker_kind, self.broker_host = broker, broker_host
+        self.broker_index = nodes + 1 if broker_host else nodes
+        self.worker_args, self.extra_env = list(worker_args), dict(env or {})
+        self.relay: subprocess.Popen[bytes] | None = None
         self.rng = random.Random(seed)
         self.records = out / "records.jsonl"
         self.secret = out / "secret"
@@ -98,7 +111,7 @@ class ChaosRun:
     def __enter__(self) -> ChaosRun:
         self.out.mkdir(parents=True, exist_ok=True)
         self.secret.write_text(os.urandom(16).hex())
-        self.topo = Topology(self.n + 1, drop="silent")
+        self.topo = Topology(self.n + (2 if self.broker_host else 1), drop="silent")
         try:
             self._setup()
         except BaseException:
@@ -112,14 +125,14 @@ class ChaosRun:
         infra = self.n
         nodes = ",".join(topo.address(i, PORT) for i in range(self.n))
         self.nodes_arg = nodes
-        if self.mode == "worker":
+        bhost = self.broker_index
+        if self.broker_kind == "redis":
             redis_dir = self.out / "redis"
             redis_dir.mkdir(exist_ok=True)
-            topo.popen(infra, [shutil.which("redis-server") or "redis-server", "--bind", topo.host_ip(infra),
-                               "--port", "6379", "--save", "", "--appendonly", "no", "--protected-mode", "no",
-                               "--dir", str(redis_dir)], stdout=open(redis_dir / "log", "wb"),
-                       stderr=subprocess.STDOUT)
-        self.broker = f"redis://{topo.host_ip(infra)}:6379/0"
+            self.broker = (redis_in(topo, bhost, redis_dir) if self.mode == "worker"
+                           else f"redis://{topo.host_ip(bhost)}:6379/0")  # unused: nothing publishes
+        else:
+            self.broker, self.relay = rabbitmq_in(topo, bhost, self.out)
         self.ctl = topo.popen(infra, [sys.executable, "-m", "tests.chaos.ctl", "--secret-file", str(self.secret)],
                               cwd=REPO, env=self._env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=open(self.out / "ctl.err", "wb"), text=True)
@@ -142,13 +155,16 @@ class ChaosRun:
     def __exit__(self, *exc: object) -> None:
         if self.topo is not None:
             self.topo.close()
+        if self.relay is not None:
+            self.relay.kill()
+            self.relay.wait(5)
         for disk in self.mounts:
             subprocess.run(["umount", "-l", str(disk)], check=False)
 
     def _env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_CLUSTER_", "CHAOS_"))}
         env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", CHAOS_BROKER=getattr(self, "broker", ""),
-                   CHAOS_RECORDS=str(self.records), **extra)
+                   CHAOS_RECORDS=str(self.records), **self.extra_env, **extra)
         return env
 
     # -- processes -------------------------------------------------------------------------------
@@ -175,7 +191,7 @@ class ChaosRun:
                     "--cluster-advertise", m.address, "--cluster-state-dir", str(state),
                     "--cluster-secret-file", str(self.secret),
                     "--cluster-election-timeout", f"{TIMEOUT[0]}-{TIMEOUT[1]}",
-                    "--cluster-heartbeat-interval", str(HEARTBEAT)]
+                    "--cluster-heartbeat-interval", str(HEARTBEAT), *self.worker_args]
             proc = self.topo.popen(m.index, argv, cwd=REPO,
                                    env=self._env(CHAOS_NODE=m.name, CHAOS_TRANSITIONS=str(log)),
                                    stdout=open(self.out / f"{m.name}.{run}.log", "wb"), stderr=subprocess.STDOUT)
