@@ -29,11 +29,18 @@ chaos: $(STAMP)
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=5000 $(PY) -m pytest -q -p no:randomly tests/test_fuzz_routes.py
 
-## Failover / handoff / heartbeat / idle-CPU benchmark, a short run.
-bench-quick: $(STAMP)
-	$(PY) bench/failover.py --quick
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	touch $(BENCH_STAMP)
 
-bench: $(STAMP)
+## Side by side with PySyncObj (failover after kill -9, idle CPU), a short run (~5 min).
+bench-quick: $(BENCH_STAMP)
+	$(PY) bench/side_by_side.py --quick
+
+## The full benchmark: side by side with the peers, then handoff / heartbeat / idle detail.
+bench: $(BENCH_STAMP)
+	$(PY) bench/side_by_side.py
 	$(PY) bench/failover.py
 
 ## @leader_only dispatch latency against a plain task, on the local Redis.

@@ -65,6 +65,15 @@ Rules, with their reason (Raft paper / Ongaro's thesis, ch. 3, 6 and 9):
   works refuses a pre-vote to a candidate whose broker does not. Planned
   handovers prefer a member with a working broker. Only refusals and transfers
   are added, so the arguments above are untouched.
+* A crash seen (:meth:`~Election.leader_gone`, fed by the driver when the leader's
+  connections close and a new one is refused - never for a silent timeout, which may be
+  a pause or a partition): a follower of that leader moves its election deadline to
+  ``leader_contact + min_timeout`` plus a margin and a stagger by its rank among the
+  members (so the survivors campaign one after another, not at once), instead of
+  waiting out a randomised timeout up to the maximum. It only brings a deadline
+  forward to one the node could have drawn: the recent-leader rule still makes
+  every voter refuse for ``min_timeout`` after it last heard the leader, so the
+  lease argument above is untouched.
 * Every message carries the cluster id (a digest of the bootstrap member list);
   a message from another cluster is dropped (:class:`ClusterMismatch`); one
   without an id (a release before ids) is not checked. A node
@@ -209,6 +218,11 @@ class Ready:
 
 
 NEVER = -math.inf
+#: After a crash is seen: the first survivor campaigns this fraction of the minimum timeout
+#: (plus 5 ms) after the recent-leader rule ends, the next ones this fraction further apart
+#: (at least 15 ms) - see :meth:`Election.gone_delay`.
+GONE_MARGIN = 0.02
+GONE_STAGGER = 0.05
 
 
 class Election:
@@ -457,6 +471,28 @@ class Election:
         if self.role is Role.LEADER:
             self._broker_handover(now)
         return self._ready()
+
+    def leader_gone(self, leader: str, now: float) -> Ready:
+        """The driver saw ``leader``'s process gone (its connections closed and a new one
+        refused). A follower of that leader campaigns at ``leader_contact + min_timeout``
+        plus :meth:`gone_delay` - the earliest moment the recent-leader rule lets the other
+        voters grant - rather than after a random timeout; nothing changes otherwise."""
+        if (self.role is Role.FOLLOWER and self.contact_leader == leader and leader != self.id
+                and self.may_campaign):
+            at = max(now, self.leader_contact + self.min_timeout + self.gone_delay(leader))
+            if at < self.election_deadline:
+                self.election_deadline = at
+        return self._ready()
+
+    def gone_delay(self, leader: str) -> float:
+        """Margin plus stagger after the minimum timeout for a follower whose leader crashed:
+        the margin covers voters that heard the leader's last heartbeat a little after us;
+        the stagger orders the survivors by id, one pre-vote and vote round apart, so they
+        do not split the vote (a candidate refused for an older log just lets the next one
+        try a stagger later)."""
+        others = sorted(m for m in self.members if m != leader)
+        rank = others.index(self.id) if self.id in others else len(others)
+        return GONE_MARGIN * self.min_timeout + 0.005 + rank * max(GONE_STAGGER * self.min_timeout, 0.015)
 
     def _broker_handover(self, now: float) -> bool:
         """Leader: hand over if our broker has been down for the grace period and a reachable

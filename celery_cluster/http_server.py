@@ -28,6 +28,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -151,12 +152,14 @@ class RpcEndpoint:
         self.signer = signer
 
     def __call__(self, name: str, method: str, path: str, headers: Any, body: bytes,
-                 remote: str | None, client_cert: ClientCert = None) -> tuple[int, bytes]:
+                 remote: str | None, client_cert: ClientCert = None,
+                 on_handled: Callable[[str], None] | None = None) -> tuple[int, bytes]:
         """Returns (HTTP status, JSON body); every refusal happens before the node sees anything.
         ``client_cert``: None on a plain connection, else the names in the TLS client's
         certificate (verified against the CA by the handshake): one is required for RPCs,
         and it must name the sender the message claims - a member's certificate cannot
-        speak for another member."""
+        speak for another member. ``on_handled`` is told the sender of a message the node
+        handled."""
         cls, prevote = _RPC[name]
         try:
             require_client_cert(client_cert)
@@ -186,6 +189,8 @@ class RpcEndpoint:
             reply = self.node.handle_request(msg)
         except NodeStopped as exc:  # 503 closes the connection: the peer reconnects to a new instance
             return 503, json.dumps({"error": str(exc)}).encode()
+        if on_handled is not None:
+            on_handled(msg.sender)
         if reply is None:
             return 204, b""
         return 200, json.dumps(encode(reply), separators=(",", ":")).encode()
@@ -345,6 +350,32 @@ def make_app(blueprint: Blueprint) -> Flask:
     return app
 
 
+#: Seconds a connect to a leader whose connection closed may take. Refused means nothing
+#: listens there: the process is gone. Accepted (twice, :data:`GONE_RECHECK` apart: a dying
+#: process may hold its listener an instant longer), or no answer in time (a pause or a
+#: partition looks the same), means nothing is concluded.
+GONE_CHECK_TIMEOUT = 0.2
+GONE_RECHECK = 0.02
+
+
+def _confirm_gone(node: Node, peer: str) -> None:
+    try:
+        host, port = split_host_port(peer)
+    except ValueError:
+        return
+    for attempt in range(2):
+        try:
+            with socket.create_connection((host, port), timeout=GONE_CHECK_TIMEOUT):
+                pass
+        except ConnectionRefusedError:
+            node.leader_gone(peer)
+            return
+        except OSError:
+            return
+        if attempt == 0:
+            time.sleep(GONE_RECHECK)
+
+
 class _KeepAliveHandler(WSGIRequestHandler):
     """HTTP/1.1 keep-alive with TCP_NODELAY: one connection per peer, ~0.2 ms a request.
 
@@ -392,9 +423,23 @@ class _KeepAliveHandler(WSGIRequestHandler):
         if not self._tls_failed:
             super().handle()
 
+    #: The member whose heartbeats (AppendEntries) this connection carried, if any.
+    _heartbeats_from: str | None = None
+
     def finish(self) -> None:
         self.server.track(self.connection, False)  # type: ignore[attr-defined]
         super().finish()
+        # The connection our leader's heartbeats came on has closed: if nothing listens at its
+        # address any more, its process is gone - say so, and a follower campaigns as soon as
+        # the recent-leader rule allows instead of after a random timeout (Election.leader_gone).
+        rpc = self.server.rpc_endpoint  # type: ignore[attr-defined]
+        sender = self._heartbeats_from
+        if sender is not None and rpc is not None and rpc.node.follows(sender):
+            threading.Thread(target=_confirm_gone, args=(rpc.node, sender), name="celery-cluster-gone-check",
+                             daemon=True).start()
+
+    def _saw_heartbeat(self, sender: str) -> None:
+        self._heartbeats_from = sender
 
     def parse_request(self) -> bool:
         """Request line and headers without http.client's email parser (~4x faster)."""
@@ -510,7 +555,8 @@ class _KeepAliveHandler(WSGIRequestHandler):
         if len(body) < length:
             self._refuse(_Reject(400, "the body is shorter than its Content-Length", framing=True))
             return
-        code, data = rpc(name, "POST", self.path, self.headers, body, self.client_address[0], self.client_cert)
+        code, data = rpc(name, "POST", self.path, self.headers, body, self.client_address[0], self.client_cert,
+                         on_handled=self._saw_heartbeat if name == "appendentries" else None)
         self._respond(code, [("Content-Type", "application/json")] if data else [], data,
                       close=closes_connection(code))
 

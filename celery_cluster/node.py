@@ -417,6 +417,25 @@ class Node:
                                  "works again" if healthy else "does not answer")
             self._handle(self.core.set_broker_health(healthy, self.clock()))
 
+    # -- a crashed leader ------------------------------------------------------
+
+    def follows(self, peer: str) -> bool:
+        """Whether ``peer`` is the leader this node last heard, and this node a follower."""
+        with self._lock:
+            return self.core.role is Role.FOLLOWER and self.core.contact_leader == peer
+
+    def leader_gone(self, peer: str) -> None:
+        """The transport saw ``peer``'s process gone (its connection closed, a new one refused):
+        a follower of ``peer`` campaigns as soon as the recent-leader rule allows."""
+        with self._lock:
+            if self._stopped or self.failure is not None:
+                return
+            before = self.core.election_deadline
+            self._handle(self.core.leader_gone(peer, self.clock()))
+            if self.core.election_deadline < before:
+                self.log.info("[cluster] %s: leader %s is gone (connection refused); campaigning in %.0f ms",
+                              self.id, peer, max(0.0, self.core.election_deadline - self.clock()) * 1000)
+
     # -- membership -------------------------------------------------------------
 
     def add_member(self, node: str, timeout: float) -> tuple[str, ...]:

@@ -114,7 +114,14 @@ class Sim:
         rates: dict[str, float] | None = None,
         tick_slack: float = 0.001,
         eager: list[str] = (),
+        gone_hints: bool = False,
+        lying_hints: bool = False,
     ) -> None:
+        """``gone_hints``: a crash is visible - every other node is told (``leader_gone``)
+        a network delay later, as the driver tells it when the crashed node's connections
+        close and a new one is refused; a pause or a partition is not. ``lying_hints``: a
+        pause is reported as a crash too, which a real driver never does - safety must not
+        depend on the hint being true."""
         self.rng = random.Random(seed)
         self.ids = list(ids)
         self.initial_ids = list(ids)
@@ -125,6 +132,8 @@ class Sim:
         self.drop = 0.0
         self.dup = 0.0
         self.tick_slack = tick_slack
+        self.gone_hints, self.lying_hints = gone_hints, lying_hints
+        self.gone_told = 0  # hints delivered to a live node
         self.blocked: set[tuple[str, str]] = set()
         self.slow: dict[tuple[str, str], float] = {}  # extra delay on a link: late, not lost
         self.t = 0.0
@@ -171,21 +180,30 @@ class Sim:
         n.static, n.join = list(static), False
         self.restart(node_id)
 
-    def crash(self, node_id: str) -> None:
+    def crash(self, node_id: str, *, visible: bool | None = None) -> None:
         n = self.nodes[node_id]
         n.core = None
         n.backlog.clear()
         n.tick_gen += 1
         n.tick_at = -1.0
+        if self.gone_hints if visible is None else visible:
+            self._tell_gone(node_id)
+
+    def _tell_gone(self, node_id: str) -> None:
+        for other in self.ids:
+            if other != node_id:
+                self._push(self.t + self.rng.uniform(*self.delay), "gone", (other, node_id))
 
     def restart(self, node_id: str) -> None:
-        self.crash(node_id)
+        self.crash(node_id, visible=False)  # listening again at once: a connect is not refused
         self.start(node_id)
 
     def pause(self, node_id: str, duration: float) -> None:
         n = self.nodes[node_id]
         n.paused_until = max(n.paused_until, self.t + duration)
         self._push(n.paused_until, "resume", node_id)
+        if self.lying_hints:
+            self._tell_gone(node_id)
 
     def fail_disk(self, node_id: str, after: int = 0) -> None:
         """``node_id``'s disk fails on its write after ``after`` more successful ones."""
@@ -295,6 +313,13 @@ class Sim:
                 n.backlog.append(msg)
                 return
             self._apply(n, n.core.step(msg, n.local(self.t)))
+        elif kind == "gone":
+            observer, gone = data
+            n = self.nodes[observer]
+            if n.core is None or self.t < n.paused_until:
+                return
+            self.gone_told += 1
+            self._apply(n, n.core.leader_gone(gone, n.local(self.t)))
         elif kind == "resume":
             n = self.nodes[data]
             if n.core is None or self.t < n.paused_until:

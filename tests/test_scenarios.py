@@ -331,9 +331,12 @@ class Scenario:
             self.s.run_for(float(args[0]))
 
     def cmd_crash(self, args: list[str]) -> None:
-        for a in args:
+        """``crash n1 [n2...] [seen]``: ``seen`` - the others are told the process is gone
+        (its connections closed, a new one refused), a network delay later."""
+        seen = args[-1:] == ["seen"]
+        for a in args[:-1] if seen else args:
             self.live(a)
-            self.s.crash(a)
+            self.s.crash(a, visible=seen)
 
     def cmd_restart(self, args: list[str]) -> None:
         for a in args:

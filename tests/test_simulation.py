@@ -79,6 +79,9 @@ def schedules(draw: st.DrawFn) -> dict:
         "eager": draw(st.lists(st.booleans(), min_size=n, max_size=n)),
         "faults": draw(st.lists(fault_strategy(n), max_size=8)),
         "propose_every": draw(st.sampled_from([0.0, 0.25, 0.7])),
+        # Crashes visible to the others (connections reset, a new one refused), and sometimes
+        # pauses reported as crashes as well: safety must not rest on the hint being true.
+        "hints": draw(st.sampled_from(["none", "crashes", "crashes", "lying"])),
     }
 
 
@@ -87,7 +90,8 @@ def run_schedule(schedule: dict) -> dict[str, int]:
     ids = [f"n{i}" for i in range(n)]
     sim = Sim(ids, seed=schedule["seed"], election_timeout=TIMEOUT, heartbeat_interval=HEARTBEAT,
               max_clock_drift=DRIFT, rates=dict(zip(ids, schedule["rates"])),
-              eager=[i for i, e in zip(ids, schedule.get("eager", [])) if e])
+              eager=[i for i, e in zip(ids, schedule.get("eager", [])) if e],
+              gone_hints=schedule.get("hints", "none") != "none", lying_hints=schedule.get("hints") == "lying")
     resolved: dict[int, tuple] = {}
     actions: list[tuple[float, int, tuple]] = []
     heal_at = 0.0
@@ -154,6 +158,7 @@ def membership_counts(sim: Sim) -> dict[str, int]:
                                      if isinstance(e, SteppedDown) and e.reason == "removed"),
         "learners given up": sum(1 for _, _, e in sim.events if isinstance(e, LearnerDropped)),
         "cluster mismatches": sum(1 for _, _, e in sim.events if isinstance(e, ClusterMismatch)),
+        "crash hints delivered": sim.gone_told,
     }
 
 
