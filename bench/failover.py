@@ -188,15 +188,20 @@ def bench_handoff(n: int, timeout: tuple[float, float], hb: float, trials: int) 
     return out
 
 
+def cpu_percent(members: list, seconds: float) -> dict[str, float]:
+    """% of one core each member's process used over ``seconds``, after 2 s to settle."""
+    time.sleep(2)
+    before = {m.address: m.cpu_seconds() for m in members}
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    return {m.address: (m.cpu_seconds() - before[m.address]) / elapsed * 100 for m in members}
+
+
 def bench_idle(n: int, timeout: tuple[float, float], hb: float, seconds: float) -> dict:
     with ProcCluster(n, timeout, hb) as cl:
         leader = cl.leader(time.monotonic() + 30)
-        time.sleep(2)
-        before = {m.address: m.cpu_seconds() for m in cl.members}
-        t0 = time.monotonic()
-        time.sleep(seconds)
-        elapsed = time.monotonic() - t0
-        cpu = {m.address: (m.cpu_seconds() - before[m.address]) / elapsed * 100 for m in cl.members}
+        cpu = cpu_percent(cl.members, seconds)
         rtts = [p["heartbeat_rtt"] for p in leader.status()["nodes"]]
         return {
             "leader_cpu_pct": cpu[leader.address],

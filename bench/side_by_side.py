@@ -29,29 +29,25 @@ import json
 import os
 import platform
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from failover import TICKS, ProcCluster, free_ports, pct
+from failover import Member, ProcCluster, cpu_percent, free_ports, pct
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
 @dataclass
-class PeerMember:
-    address: str
-    log: Path
-    args: list[str]
-    proc: subprocess.Popen | None = None
-    offset: int = 0
+class PeerMember(Member):
+    """A PySyncObj node: it writes its own log (``pysyncobj_node.py``), one file for all its
+    incarnations; only the current one's lines count."""
+
     last: str = "follower"  # its latest logged state
     since: float = 0.0
     links: int = 0  # partners it is connected to, as it last logged
@@ -63,38 +59,24 @@ class PeerMember:
     def events(self) -> list[dict]:
         if not self.log.exists():
             return []
-        with open(self.log, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        self.offset += end
         out = []
-        for line in data[:end].splitlines():
-            rec = json.loads(line)
-            if self.proc is not None and rec.get("pid") == self.proc.pid:
-                if rec["event"] == "links":
-                    self.links = rec["connected"]
-                    continue
-                out.append(rec)
-                self.last, self.since = rec["event"], rec["mono"]
+        for rec in super().events():
+            if self.proc is None or rec.get("pid") != self.proc.pid:
+                continue
+            if rec["event"] == "links":
+                self.links = rec["connected"]
+                continue
+            out.append(rec)
+            self.last, self.since = rec["event"], rec["mono"]
         return out
-
-    def cpu_seconds(self) -> float:
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 @dataclass
-class SyncObjCluster:
-    """PySyncObj nodes, one process each (``bench/peers/pysyncobj_node.py``)."""
+class SyncObjCluster(ProcCluster):
+    """PySyncObj nodes, one process each (``bench/peers/pysyncobj_node.py``); started,
+    stopped and drained as our own cluster is."""
 
-    n: int
-    timeout: tuple[float, float]
-    heartbeat: float
     watch: bool = True  # wait for full connectivity before a kill (off for the idle measurement)
-    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cc-peer-")))
-    members: list[PeerMember] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         addrs = [f"127.0.0.1:{p}" for p in free_ports(self.n)]
@@ -103,23 +85,7 @@ class SyncObjCluster:
                     "--partners", ",".join(x for x in addrs if x != a),
                     "--timeout", f"{self.timeout[0]}-{self.timeout[1]}", "--heartbeat", str(self.heartbeat),
                     "--log", str(self.root / (a.replace(":", "_") + ".log")), *([] if self.watch else ["--no-watch"])]
-            self.members.append(PeerMember(a, self.root / (a.replace(":", "_") + ".log"), args))
-
-    def __enter__(self) -> SyncObjCluster:
-        for m in self.members:
-            m.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for m in self.members:
-            if m.proc and m.proc.poll() is None:
-                m.proc.kill()
-                m.proc.wait()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def drain_events(self) -> None:
-        for m in self.members:
-            m.events()
+            self.members.append(PeerMember(a, self.root, self.root / (a.replace(":", "_") + ".log"), args))
 
     def leader(self, deadline: float) -> PeerMember:
         """One live member leads (for 3 heartbeats), none campaigns, and (when watched) every
@@ -135,19 +101,8 @@ class SyncObjCluster:
             time.sleep(0.02)
         raise TimeoutError("no stable PySyncObj leader")
 
-    def wait_leader_event(self, exclude: PeerMember, after: float, deadline: float) -> float:
-        while time.monotonic() < deadline:
-            for m in self.members:
-                if m is exclude:
-                    continue
-                for ev in m.events():
-                    if ev["event"] == "leader" and ev["mono"] > after:
-                        return float(ev["mono"])
-            time.sleep(0.002)
-        raise TimeoutError("no new PySyncObj leader")
 
-
-def kill_trial(cl: ProcCluster | SyncObjCluster, timeout: tuple[float, float], hb: float) -> float:
+def kill_trial(cl: ProcCluster, timeout: tuple[float, float], hb: float) -> float:
     """One kill -9 of the leader; seconds to another node's leader transition."""
     leader = cl.leader(time.monotonic() + 30)
     time.sleep(timeout[1] + random.uniform(0, hb))  # stable; then a random point of a heartbeat interval
@@ -155,7 +110,7 @@ def kill_trial(cl: ProcCluster | SyncObjCluster, timeout: tuple[float, float], h
     t_kill = time.monotonic()
     assert leader.proc is not None
     leader.proc.send_signal(signal.SIGKILL)
-    took = cl.wait_leader_event(leader, t_kill, t_kill + 20 * timeout[1]) - t_kill  # type: ignore[arg-type]
+    took = cl.wait_leader_event(leader, t_kill, t_kill + 20 * timeout[1]) - t_kill
     leader.proc.wait()
     leader.start()  # back (ours with its persisted state; PySyncObj keeps none by default)
     return took
@@ -185,12 +140,7 @@ def idle_cell(n: int, timeout: tuple[float, float], hb: float, seconds: float) -
     for name, make in (("ours", ProcCluster), ("pysyncobj", lambda *a: SyncObjCluster(*a, watch=False))):
         with make(n, timeout, hb) as cl:  # type: ignore[operator]
             leader = cl.leader(time.monotonic() + 30)
-            time.sleep(2)
-            before = {m.address: m.cpu_seconds() for m in cl.members}
-            t0 = time.monotonic()
-            time.sleep(seconds)
-            elapsed = time.monotonic() - t0
-            cpu = {m.address: (m.cpu_seconds() - before[m.address]) / elapsed * 100 for m in cl.members}
+            cpu = cpu_percent(cl.members, seconds)
             out[name] = {"leader_pct": round(cpu[leader.address], 2),
                          "busiest_follower_pct": round(max(v for a, v in cpu.items() if a != leader.address), 2)}
     return {"n": n, "timeout": list(timeout), "heartbeat": hb, "seconds": seconds, **out}
