@@ -1,4 +1,4 @@
-"""Side by side with PySyncObj: failover after ``kill -9`` (B1/B2) and idle cost (B5).
+"""Side by side with PySyncObj: failover after ``kill -9`` (B1/B2), cold start (B6), idle cost (B5).
 
     python bench/side_by_side.py            # full: 50 trials per cell (`make bench`)
     python bench/side_by_side.py --quick    # 12 trials per cell, fewer cells (`make bench-quick`)
@@ -14,6 +14,8 @@ by ``bench/requirements.txt``, its version recorded in the results.
   (a majority acknowledged its first heartbeat round: one round trip *after* winning the
   vote); PySyncObj logs its state change to leader (on winning the vote). The killed node
   is restarted and the cluster settles between trials.
+* cold start: every node spawned at once until the first ``leader`` transition, from the
+  first spawn (interpreter start-up and imports included).
 * idle: CPU seconds (utime+stime, ``/proc/PID/stat``) over a window, as % of one core,
   leader and busiest follower, N=5.
 
@@ -135,6 +137,21 @@ def failover_cell(n: int, timeout: tuple[float, float], hb: float, trials: int) 
             "samples": {"ours": ours, "pysyncobj": theirs}}
 
 
+def cold_start_cell(n: int, timeout: tuple[float, float], hb: float, trials: int) -> dict:
+    """B6: all ``n`` processes started at once; seconds from the first spawn to the first
+    ``leader`` transition (interpreter start-up and imports included)."""
+    out: dict[str, list[float]] = {"ours": [], "pysyncobj": []}
+    for i in range(trials):
+        order = [("ours", ProcCluster), ("pysyncobj", SyncObjCluster)]
+        for name, make in (order if i % 2 == 0 else order[::-1]):
+            cl = make(n, timeout, hb)  # type: ignore[operator]
+            t0 = time.monotonic()
+            with cl:
+                out[name].append(cl.wait_leader_event(None, t0, t0 + 60) - t0)
+    return {"n": n, "timeout": list(timeout), "heartbeat": hb, "ours": summary(out["ours"]),
+            "pysyncobj": summary(out["pysyncobj"]), "target_ms": 2 * timeout[1] * 1000}
+
+
 def idle_cell(n: int, timeout: tuple[float, float], hb: float, seconds: float) -> dict:
     out = {}
     for name, make in (("ours", ProcCluster), ("pysyncobj", lambda *a: SyncObjCluster(*a, watch=False))):
@@ -167,6 +184,13 @@ def markdown(res: dict) -> str:
         lines.append(f"| {cell_name(c)} | {o['trials']} | {o['p50_ms']:.0f} / {o['p99_ms']:.0f} / {o['max_ms']:.0f} "
                      f"| {t['p50_ms']:.0f} / {t['p99_ms']:.0f} / {t['max_ms']:.0f} | {c['ratio_p50']:.2f} "
                      f"| {c['ratio_p99']:.2f} |")
+    if res.get("cold_start"):
+        lines += ["", "| cold start, all started at once, 1-2 s | trials | ours p50 / max ms | PySyncObj p50 / max ms "
+                  "| target |", "|---|---|---|---|---|"]
+        for c in res["cold_start"]:
+            o, t = c["ours"], c["pysyncobj"]
+            lines.append(f"| N={c['n']} | {o['trials']} | {o['p50_ms']:.0f} / {o['max_ms']:.0f} "
+                         f"| {t['p50_ms']:.0f} / {t['max_ms']:.0f} | ≤ {c['target_ms']:.0f} |")
     idle = res.get("idle")
     if idle:
         lines += ["", "| idle CPU, " + cell_name(idle) + " | leader % of a core | busiest follower % |",
@@ -214,11 +238,15 @@ def main() -> None:
                  "command": "make bench-quick" if args.quick else "make bench",
                  "versions": {"celery-cluster": metadata.version("celery-cluster"),
                               "pysyncobj": metadata.version("pysyncobj")},
-                 "failover": [], "idle": None}
+                 "failover": [], "cold_start": [], "idle": None}
     for n, timeout, hb in cells:
         c = failover_cell(n, timeout, hb, trials)
         res["failover"].append(c)
         print(f"{cell_name(c)}: ours {c['ours']}, PySyncObj {c['pysyncobj']}, ratio p50 {c['ratio_p50']}", flush=True)
+    res["cold_start"] = [cold_start_cell(n, *default, trials=3 if args.quick else 10)
+                         for n in ((3, 5) if args.quick else (3, 5, 7, 9))]
+    for c in res["cold_start"]:
+        print(f"cold start N={c['n']}: ours {c['ours']}, PySyncObj {c['pysyncobj']}", flush=True)
     res["idle"] = idle_cell(5, *default, seconds=10 if args.quick else 30)
     print(f"idle: {res['idle']}", flush=True)
     out = REPO / "bench" / "results" / f"{res['date']}{'-quick' if args.quick else ''}.json"
