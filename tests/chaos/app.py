@@ -87,7 +87,8 @@ app.conf.update(
 @leader_only
 def lead(self: Any, i: int) -> None:
     term = fencing_token()  # the term the lease check let this body run under
-    record("lead", i=i, term=term, lease_until=_lease_of(term), boot=lease_clock())
+    before = lease_clock()  # taken before the lease is read (the checker orders by it)
+    record("lead", i=i, term=term, lease_until=_lease_of(term), boot=before)
     time.sleep(0.02)
 
 
@@ -103,7 +104,8 @@ install(app)
 def _beat_published(sender: Any = None, headers: dict | None = None, **kwargs: Any) -> None:
     if headers and "cluster_run" in headers:
         term = headers["cluster_term"]
-        record("beat", run=headers["cluster_run"], term=term, lease_until=_lease_of(term), boot=lease_clock())
+        before = lease_clock()  # taken before the lease is read (the checker orders by it)
+        record("beat", run=headers["cluster_run"], term=term, lease_until=_lease_of(term), boot=before)
 
 
 @signals.task_prerun.connect(weak=False)

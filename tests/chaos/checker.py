@@ -28,7 +28,9 @@ Violations:
   been under its lease (``min(boot, lease_until)``) after the first action of a
   term > T was recorded;
 * an action of a (node, term) that never announced a lease, before it did, or
-  under a lease that ends after the one the node gave up;
+  under a lease that ends after the one the node gave up, read once the step-down was
+  logged (the node revokes what its pool processes read before it logs; an action records
+  the time before its read);
 * a beat run published twice, or missing within one leader's term (a run missing
   across a term change that ended unplanned is the documented window: a crash
   between commit and publish - counted, not a violation);
@@ -64,6 +66,9 @@ class Interval:
     start: float
     end: float
     reason: str  # the step-down reason, or "died"
+    #: When the step-down was logged: after the node revoked what its pool processes read (the
+    #: node revokes first, then persists, sends and logs). None if the process died.
+    logged_at: float | None = None
 
     def overlaps(self, other: Interval) -> bool:
         return self.start < other.end and other.start < self.end
@@ -97,7 +102,8 @@ def leadership_intervals(transitions: Iterable[dict[str, Any]], actions: Iterabl
             # The node's clock may have jumped forward since (never back): the offset it had
             # when the lease began maps its lease_until to the latest real instant it can mean.
             end = t["lease_until"] - offset if t.get("lease_until") is not None else start
-            out.append(Interval(t["node"], t["run"], term, start, max(start, end), t.get("reason", "?")))
+            out.append(Interval(t["node"], t["run"], term, start, max(start, end), t.get("reason", "?"),
+                                t["boottime"]))
     for (node, run), (term, start, _) in open_.items():
         # Died (kill -9) or still leading at the end: it held what its actions last read.
         end = max(start, min(last_lease.get((node, term), start), ended.get((node, run), math.inf)))
@@ -152,7 +158,12 @@ def check(transitions: list[dict[str, Any]], actions: list[dict[str, Any]], *,
         elif a["boot"] < iv.start - 0.001 and a["lease_until"] > iv.start:  # (1 ms: log line vs act)
             violations.append(f"{a['kind']} by {a['node']} at {a['boot']:.4f} before its lease of term "
                               f"{a['term']} began at {iv.start:.4f}")
-        elif iv.reason != "died" and a["lease_until"] > iv.end + 1e-6 and a["boot"] > iv.end:
+        elif (iv.reason != "died" and a["lease_until"] > iv.end + 1e-6 and a["boot"] > iv.end
+              and (iv.logged_at is None or a["boot"] > iv.logged_at)):
+            # ``boot`` is taken before the process reads the lease; the node decides to step down
+            # at ``end``, revokes, then logs (``logged_at``). A read that began in between may
+            # still see the lease (it was not revoked yet) and is sound; one that began after
+            # the log line and still saw a lease past ``end`` read what was never revoked.
             violations.append(f"{a['kind']} by {a['node']} at {a['boot']:.4f} under a lease to "
                               f"{a['lease_until']:.4f}, after it gave term {a['term']} up at {iv.end:.4f}")
 

@@ -109,10 +109,11 @@ def main() -> None:
         with lead.acting() as ok:
             if not ok or not lead.is_valid():
                 continue
+            before = lease_clock()  # taken before the lease is read (the checker orders by it)
             term, lease_until = sink.read()
             if term != lead.term:
                 continue
-            record(args.records, kind="action", node=args.name, pid=pid, term=term, boot=lease_clock(),
+            record(args.records, kind="action", node=args.name, pid=pid, term=term, boot=before,
                    lease_until=lease_until)
     cluster.stop(transfer=True, timeout=1.0)
     if cluster.failure is not None:
