@@ -91,13 +91,10 @@ def _resetting_redis_channel(base: Any) -> type:
 
 def bounded_connection(app: Any, bound: float) -> Any:
     """A connection for the leader's beat to publish on, within ``bound`` seconds a publish."""
-    probe = app.connection_for_write()
-    driver = getattr(probe.transport, "driver_type", "")
-    probe.collect()  # only asked which transport: never connected
-    conn = app.connection_for_write(
-        connect_timeout=bound / 2,
-        transport_options=bounded_transport_options(driver, dict(app.conf.broker_transport_options or {}), bound))
-    transport = conn.transport  # made here, not connected yet
+    conn = app.connection_for_write(connect_timeout=bound / 2)
+    transport = conn.transport  # made here, not connected yet: the options below are read on connect
+    driver = getattr(transport, "driver_type", "")
+    conn.transport_options = bounded_transport_options(driver, conn.transport_options, bound)
     if driver == "redis" and getattr(type(transport).Channel, "connection_class", None) is not None:
         transport.Channel = _resetting_redis_channel(type(transport).Channel)
     elif driver == "amqp":
@@ -121,7 +118,7 @@ def publish_options(bound: float) -> dict[str, Any]:
 
 def drop(connection: Any) -> None:
     """Release a connection a publish failed on without talking to the broker (a close could
-    wait on it): the sockets close, their kernel state is bounded by ``TCP_USER_TIMEOUT``."""
+    wait on it): its sockets close with a reset, discarding what they still hold."""
     try:
         connection.collect()
     except Exception:  # noqa: BLE001 - best effort: it is being thrown away
@@ -132,7 +129,7 @@ def is_broker_error(exc: BaseException, connection: Any) -> bool:
     """Whether ``exc`` (or what it wraps: Celery's beat re-raises as SchedulingError) says the
     broker could not be reached or did not confirm - as opposed to, say, arguments that do
     not serialize, which no other member could send either."""
-    errors: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+    errors: tuple[type[BaseException], ...] = (OSError,)  # TimeoutError and socket.timeout among them
     try:
         errors += tuple(connection.connection_errors) + tuple(connection.channel_errors)
     except Exception:  # noqa: BLE001 - a transport that cannot say: the plain socket errors only

@@ -7,7 +7,7 @@ With the path cut, a publish on the beat's bounded connection must fail within t
 after the path heals (TCP would retransmit what it held), the broker must still hold only
 the message published before the cut.
 
-Figures: ``pytest -rA tests/test_beat_publish.py`` (``measure`` lines).
+Figures: ``pytest -rA tests/test_beat_publish.py`` (``MEASURE`` lines).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pytest
 from celery_cluster import beat_publish
 from tests.chaos.netns import Topology
 from tests.chaos.relay import REPO, rabbitmq_in, redis_in
+from tests.test_celery_workers import measure
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(120),
               pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")]
@@ -106,9 +107,8 @@ def test_a_publish_to_a_cut_off_broker_fails_within_the_bound_and_never_arrives(
             count = pub.ask("count")["count"]
             if broker == "rabbitmq":
                 pub.ask("count")  # (the queue is auto-deleted with the vhost's other test queues)
-            print(f"\nmeasure publish_to_cut_{broker}: " + json.dumps(
-                {"bound_s": BOUND, "seconds": round(cut["seconds"], 3), "ok": cut["ok"], "error": cut["error"],
-                 "healthy_publish_s": round(ok["seconds"], 4), "messages_after_heal": count}))
+            measure(f"publish_to_cut_{broker}", bound_s=BOUND, seconds=round(cut["seconds"], 3), ok=cut["ok"],
+                    error=cut["error"], healthy_publish_s=round(ok["seconds"], 4), messages_after_heal=count)
             assert not cut["ok"], "a publish to a broker behind a cut succeeded"
             assert cut["seconds"] <= BOUND + 0.1, f"the publish took {cut['seconds']:.3f} s (bound {BOUND} s)"
             assert count == 2, f"{count} messages: the warm-up and the first publish only, nothing late"

@@ -8,16 +8,14 @@ relay in its namespace: ``tests/chaos/relay.py``). Leader-only tasks are produce
 checker (``tests/chaos/checker.py``): no two leaseholders at once, leader work of two
 terms never interleaved, no beat run published twice, every leader-only task run.
 
-Figures (``pytest -rA tests/test_broker_netns.py``, one ``measure`` line per scenario): the
+Figures (``pytest -rA tests/test_broker_netns.py``, one ``MEASURE`` line per scenario): the
 due runs in the window, the runs published (the broker acknowledged them: Celery's
 ``after_task_publish``), duplicates, the handover time, elections.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,8 @@ import pytest
 
 from celery_cluster.clock import lease_clock
 from tests.chaos.runner import TIMEOUT, ChaosRun
+from tests.test_celery_workers import measure
+from tests.workers import poll
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(300),
               pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")]
@@ -34,20 +34,6 @@ GRACE = 2.0
 PERIOD = 1.0
 #: Seconds a cut lasts: several times the grace, so the new leader runs the schedule a while.
 CUT = 8.0
-
-
-def measure(name: str, **figures: Any) -> None:
-    print(f"\nmeasure {name}: {json.dumps(figures, sort_keys=True)}")
-
-
-def poll(pred: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)  # polling interval
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def chaos_run(tmp_path: Path, broker: str) -> ChaosRun:
