@@ -148,7 +148,11 @@ def test_a_secret_guards_the_route_and_the_join(tmp_path: Path) -> None:
             change_members([leader.id], "add", "127.0.0.1:9", timeout=5)
         [new] = addresses(1)
         cls.append(joiner(new, nodes, tmp_path, secret="s3cret"))
-        poll(lambda: all(new in cl.members for cl in cls), "the signed join to be accepted")
+        # Every node holding the new list is not yet the leader knowing it committed (the acks may be
+        # on their way): a second change before that is refused ("not committed yet"), as it must be.
+        poll(lambda: all(new in cl.members for cl in cls)
+             and (lead := the_leader(cls)) is not None and not lead.node.core.change_pending(),
+             "the signed join to be accepted and committed")
         answer = change_members(nodes, "remove", new, signer=Signer(b"s3cret"))
         assert new not in answer["members"]
     finally:
